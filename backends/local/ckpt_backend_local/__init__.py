@@ -1,0 +1,183 @@
+"""The local POSIX filesystem backend (ships with ckpt; scheme ``file`` and plain paths).
+
+Durable: files and directories are fsync'ed before a commit, the parent directory after a
+rename. Renames never replace an existing directory (``renameat2(RENAME_NOREPLACE)``).
+Conditional create is ``O_CREAT|O_EXCL``. Symbolic links are never followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import stat
+from typing import Any
+
+from ckpt import hookimpl
+from ckpt.backend import Backend, Capabilities, Entry
+from upath import UPath
+
+from ckpt_backend_local._rename import rename_noreplace
+
+__all__ = ["LocalBackend"]
+
+
+def _p(path: UPath) -> str:
+    return path.path if isinstance(path, UPath) else os.fspath(path)
+
+
+class LocalBackend(Backend):
+    """Local disk, NFS and other POSIX mounts."""
+
+    scheme = "file"
+    package = "ckpt"
+    capabilities = Capabilities(
+        atomic_dir_rename=True,
+        conditional_put=True,
+        snapshot=False,
+        symlinks=True,
+        durable_fsync=True,
+        permissions=True,
+        folders=True,
+    )
+    default_strategy = "rename"
+
+    def describe(self) -> str:
+        return "local filesystem"
+
+    async def exists(self, path: UPath) -> bool:
+        return os.path.lexists(_p(path))
+
+    async def is_dir(self, path: UPath) -> bool:
+        try:
+            return stat.S_ISDIR(os.lstat(_p(path)).st_mode)
+        except FileNotFoundError:
+            return False
+
+    async def is_link(self, path: UPath) -> bool:
+        return os.path.islink(_p(path))
+
+    async def mkdir(
+        self, path: UPath, *, parents: bool = True, exist_ok: bool = True, mode: int | None = None
+    ) -> None:
+        target = _p(path)
+        if parents:
+            parent = os.path.dirname(target.rstrip("/"))
+            if parent and not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(target)
+        except FileExistsError:
+            if not exist_ok or not os.path.isdir(target) or os.path.islink(target):
+                raise FileExistsError(
+                    errno.EEXIST, "Directory already exists (or is not a directory)", target
+                ) from None
+            return
+        if mode is not None:
+            os.chmod(target, mode)  # not subject to the umask, unlike mkdir's mode
+
+    async def list_dir(self, path: UPath) -> list[Entry]:
+        try:
+            with os.scandir(_p(path)) as it:
+                return [Entry(e.name, e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    async def read_bytes(self, path: UPath) -> bytes:
+        with open(_p(path), "rb") as f:
+            return f.read()
+
+    async def write_bytes(self, path: UPath, data: bytes) -> None:
+        # Write beside, fsync, rename over: a reader never sees a half-written file.
+        target = _p(path)
+        tmp = f"{target}.ckpt-partial-{os.getpid()}-{id(data)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+
+    async def create_exclusive(self, path: UPath, data: bytes) -> None:
+        fd = os.open(_p(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def remove_file(self, path: UPath) -> None:
+        try:
+            os.unlink(_p(path))
+        except FileNotFoundError:
+            pass
+
+    async def remove_tree(self, path: UPath) -> None:
+        target = _p(path)
+        if os.path.islink(target) or os.path.isfile(target):
+            os.unlink(target)
+            return
+        if os.path.isdir(target):
+            # rmtree never follows symlinks inside the tree.
+            await asyncio.to_thread(shutil.rmtree, target, ignore_errors=False)
+
+    async def rename_dir(self, src: UPath, dst: UPath) -> None:
+        await asyncio.to_thread(rename_noreplace, _p(src), _p(dst))
+
+    async def sync_tree(self, path: UPath) -> None:
+        await asyncio.to_thread(_fsync_tree, _p(path))
+
+    async def sync_dir(self, path: UPath) -> None:
+        _fsync_dir(_p(path))
+
+    async def exists_many(self, paths: Any) -> list[bool]:
+        return [os.path.lexists(_p(p)) for p in paths]
+
+    async def file_size(self, path: UPath) -> int:
+        return os.lstat(_p(path)).st_size
+
+    async def tree_size(self, path: UPath) -> int:
+        return await asyncio.to_thread(_tree_size, _p(path))
+
+    def kvstore_spec(self, path: UPath) -> dict[str, Any]:
+        return {"driver": "file", "path": _p(path).rstrip("/") + "/"}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False, followlinks=False):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                continue
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _tree_size(root: str) -> int:
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register(LocalBackend, schemes=("file", "local"))

@@ -1,0 +1,96 @@
+"""ckpt: atomic checkpoints for JAX and numpy on any storage.
+
+A crash, a preemption or a second writer never leaves a checkpoint that looks complete but
+is not, and never loses one that was. See the documentation in ``docs/``.
+"""
+
+from ckpt.backend import Backend, Capabilities, Entry
+from ckpt.errors import (
+    BackendNotInstalledError,
+    CommitConflictError,
+    UnknownStrategyError,
+    UnsafePathError,
+    UnsupportedStrategyError,
+    ValidationError,
+)
+from ckpt.hookspecs import hookimpl
+from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE, TMP_DIR_SUFFIX
+from ckpt.registry import (
+    get_backend,
+    get_strategy,
+    list_backends,
+    list_strategies,
+    strategy_for,
+)
+from ckpt.step import (
+    Metadata,
+    NameFormat,
+    any_checkpoint_step,
+    build_step_path,
+    checkpoint_steps,
+    checkpoint_steps_paths,
+    composite_name_format,
+    find_step_path,
+    get_save_directory,
+    latest_step_metadata,
+    maybe_find_step_metadata,
+    standard_name_format,
+    step_from_checkpoint_name,
+)
+from ckpt.step_metadata import StepMetadata
+from ckpt.temporary_path import FileOptions, ReadOnlyTemporaryPath, TemporaryPath, content_path
+from ckpt.temporary_paths import (
+    PathState,
+    all_temporary_paths,
+    cleanup_temporary_paths,
+    is_path_finalized,
+    is_path_temporary,
+    path_state,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COMMIT_SUCCESS_FILE",
+    "METADATA_FILE",
+    "TMP_DIR_SUFFIX",
+    "Backend",
+    "BackendNotInstalledError",
+    "Capabilities",
+    "CommitConflictError",
+    "Entry",
+    "FileOptions",
+    "Metadata",
+    "NameFormat",
+    "PathState",
+    "ReadOnlyTemporaryPath",
+    "StepMetadata",
+    "TemporaryPath",
+    "UnknownStrategyError",
+    "UnsafePathError",
+    "UnsupportedStrategyError",
+    "ValidationError",
+    "all_temporary_paths",
+    "any_checkpoint_step",
+    "build_step_path",
+    "checkpoint_steps",
+    "checkpoint_steps_paths",
+    "cleanup_temporary_paths",
+    "composite_name_format",
+    "content_path",
+    "find_step_path",
+    "get_backend",
+    "get_save_directory",
+    "get_strategy",
+    "hookimpl",
+    "is_path_finalized",
+    "is_path_temporary",
+    "latest_step_metadata",
+    "list_backends",
+    "list_strategies",
+    "maybe_find_step_metadata",
+    "path_state",
+    "standard_name_format",
+    "step_from_checkpoint_name",
+    "strategy_for",
+]

@@ -1,0 +1,193 @@
+"""The storage backend contract: where bytes go and what the store can do.
+
+A backend knows one kind of store, chosen by URL scheme. It offers a small set of async
+primitives that every strategy, the discovery code and the checkpointers use for all their
+I/O (so tests can wrap every storage call), and it declares its :class:`Capabilities`.
+
+Backends are registered through the ``register_backends`` hook (see :mod:`ckpt.hookspecs`).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from upath import UPath
+
+__all__ = ["Backend", "Capabilities", "Entry"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a store can do. Strategies require some of these; the conformance suite
+    skips what a backend does not declare, and says why.
+
+    Attributes:
+        atomic_dir_rename: a directory can be renamed atomically, without replacing an
+            existing destination.
+        conditional_put: a small object can be created only if absent (exactly one of
+            several racing creators succeeds).
+        snapshot: a cheap copy of a tree (copy-on-write, server-side copy).
+        symlinks: the store has symbolic links (which ckpt never follows as checkpoints).
+        durable_fsync: data can be flushed to stable storage (fsync) before a commit.
+        permissions: created directories take a permission mode.
+        folders: directories are real objects on the store (created and deleted explicitly).
+    """
+
+    atomic_dir_rename: bool = False
+    conditional_put: bool = False
+    snapshot: bool = False
+    symlinks: bool = False
+    durable_fsync: bool = False
+    permissions: bool = False
+    folders: bool = False
+
+    def names(self) -> list[str]:
+        """The names of the capabilities this store has."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+    def has(self, name: str) -> bool:
+        if name not in {f.name for f in dataclasses.fields(self)}:
+            raise ValueError(f"Unknown capability {name!r}.")
+        return bool(getattr(self, name))
+
+
+class Entry(NamedTuple):
+    """One child in a directory listing."""
+
+    name: str
+    is_dir: bool
+    is_link: bool = False
+
+
+class Backend(abc.ABC):
+    """Base class of storage backends.
+
+    Subclasses set :attr:`scheme`, :attr:`capabilities` and :attr:`default_strategy` and
+    implement the abstract async primitives. Paths passed in are :class:`upath.UPath`
+    objects made by :meth:`path`.
+    """
+
+    #: URL scheme(s) this backend serves (``"file"`` for plain paths).
+    scheme: str = ""
+    #: Distribution that provides the backend (shown by ``ckpt backends``).
+    package: str = ""
+    capabilities: Capabilities = Capabilities()
+    #: The strategy ``atomicity = "auto"`` resolves to on this backend.
+    default_strategy: str = "commit_file"
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options: dict[str, Any] = dict(options or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scheme={self.scheme!r})"
+
+    # -- paths ---------------------------------------------------------------
+    def path(self, location: Any) -> UPath:
+        """A path object for ``location`` (a str, URL or os.PathLike) on this backend."""
+        if isinstance(location, UPath):
+            return location
+        return UPath(location)
+
+    def describe(self) -> str:
+        """Human name used in error messages, e.g. ``local filesystem`` or ``s3``."""
+        return self.scheme
+
+    # -- primitives (all storage I/O goes through these) -----------------------
+    @abc.abstractmethod
+    async def exists(self, path: UPath) -> bool: ...
+
+    @abc.abstractmethod
+    async def is_dir(self, path: UPath) -> bool: ...
+
+    async def is_link(self, path: UPath) -> bool:
+        """True if ``path`` is a symbolic link (always False without ``symlinks``)."""
+        return False
+
+    @abc.abstractmethod
+    async def mkdir(
+        self, path: UPath, *, parents: bool = True, exist_ok: bool = True, mode: int | None = None
+    ) -> None:
+        """Create a directory. Stores without real directories may do nothing."""
+
+    @abc.abstractmethod
+    async def list_dir(self, path: UPath) -> list[Entry]:
+        """One level of children of ``path`` (all pages). Missing directory -> ``[]``."""
+
+    @abc.abstractmethod
+    async def read_bytes(self, path: UPath) -> bytes:
+        """Read a whole (small) file; ``FileNotFoundError`` if absent."""
+
+    @abc.abstractmethod
+    async def write_bytes(self, path: UPath, data: bytes) -> None:
+        """Write a whole (small) file, replacing it."""
+
+    async def create_exclusive(self, path: UPath, data: bytes) -> None:
+        """Create ``path`` only if absent; ``FileExistsError`` if it exists.
+
+        Backends declaring ``conditional_put`` implement this with a store-side
+        precondition, so exactly one of several racing creators succeeds.
+        """
+        raise NotImplementedError(f"{self.describe()} has no conditional put.")
+
+    @abc.abstractmethod
+    async def remove_file(self, path: UPath) -> None:
+        """Delete one file; a missing file is not an error."""
+
+    @abc.abstractmethod
+    async def remove_tree(self, path: UPath) -> None:
+        """Delete a directory and everything under it; missing is not an error.
+
+        Never follows symbolic links."""
+
+    async def rename_dir(self, src: UPath, dst: UPath) -> None:
+        """Atomically rename directory ``src`` to ``dst``; ``FileExistsError`` if ``dst``
+        exists (it is never replaced). Only with ``atomic_dir_rename``."""
+        raise NotImplementedError(f"{self.describe()} cannot rename directories atomically.")
+
+    async def sync_tree(self, path: UPath) -> None:
+        """Make everything under ``path`` durable (fsync files, then directories).
+
+        No-op unless the backend declares ``durable_fsync``."""
+        return None
+
+    async def sync_dir(self, path: UPath) -> None:
+        """Make the entries of directory ``path`` durable (after a rename)."""
+        return None
+
+    async def exists_many(self, paths: Sequence[UPath]) -> list[bool]:
+        """Batched existence check (concurrent by default)."""
+        return list(await asyncio.gather(*(self.exists(p) for p in paths)))
+
+    async def tree_size(self, path: UPath) -> int:
+        """Total bytes of the files under ``path`` (0 if missing)."""
+        total = 0
+        for entry in await self.list_dir(path):
+            child = path / entry.name
+            if entry.is_link:
+                continue
+            if entry.is_dir:
+                total += await self.tree_size(child)
+            else:
+                total += await self.file_size(child)
+        return total
+
+    async def file_size(self, path: UPath) -> int:
+        return len(await self.read_bytes(path))
+
+    # -- array data ----------------------------------------------------------
+    @abc.abstractmethod
+    def kvstore_spec(self, path: UPath) -> dict[str, Any]:
+        """The tensorstore kvstore spec that reads and writes under ``path``."""
+
+    # -- helpers ---------------------------------------------------------------
+    def strategy_names_supported(self, strategies: Iterable[tuple[str, Any]]) -> list[str]:
+        """Names of the given ``(name, strategy class)`` pairs this backend can run."""
+        return [
+            name
+            for name, cls in strategies
+            if all(self.capabilities.has(c) for c in getattr(cls, "requires", ()))
+        ]

@@ -1,0 +1,96 @@
+"""Names on storage: the Orbax-compatible on-disk layout of checkpoints.
+
+Pure functions on names; no I/O. See docs/layout.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+__all__ = [
+    "COMMIT_SUCCESS_FILE",
+    "METADATA_FILE",
+    "TMP_DIR_SUFFIX",
+    "WRITER_DIR_PREFIX",
+]
+
+#: Suffix that marks a temporary checkpoint directory (Orbax detects it by substring).
+TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
+#: Commit marker file (Orbax's name).
+COMMIT_SUCCESS_FILE = "commit_success.txt"
+#: Step metadata JSON file (Orbax's name).
+METADATA_FILE = "_CHECKPOINT_METADATA"
+#: Prefix of the writer-unique directory that holds one writer's files under ``commit_file``.
+WRITER_DIR_PREFIX = ".ckpt-writer-"
+
+_COMMIT_TEXT = "Checkpoint commit was successful to {final}"
+_WRITER_LINE = "ckpt-writer: "
+
+
+def unique_token() -> str:
+    """A token unique to one writer: wall time, process id and 48 random bits."""
+    return f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def is_temporary_name(name: str) -> bool:
+    """True if ``name`` carries the temporary suffix (any of Orbax's three forms)."""
+    return TMP_DIR_SUFFIX in name
+
+
+def temporary_name(final_name: str, token: str | None = None) -> str:
+    """A writer-unique temporary name: ``<final>.orbax-checkpoint-tmp-<token>``."""
+    return f"{final_name}{TMP_DIR_SUFFIX}-{token or unique_token()}"
+
+
+def final_name_of(temporary_name: str) -> str:
+    """The final name a temporary name stands for (cut at the first suffix)."""
+    index = temporary_name.find(TMP_DIR_SUFFIX)
+    if index == -1:
+        raise ValueError(f"Expected {temporary_name!r} to contain {TMP_DIR_SUFFIX!r}.")
+    return temporary_name[:index]
+
+
+def writer_dir_name(token: str | None = None) -> str:
+    """The name of a writer-unique directory used by the ``commit_file`` strategy."""
+    return f"{WRITER_DIR_PREFIX}{token or unique_token()}"
+
+
+def is_writer_dir_name(name: str) -> bool:
+    return name.startswith(WRITER_DIR_PREFIX)
+
+
+def commit_marker_text(final: str, writer_dir: str | None = None) -> str:
+    """Text of ``commit_success.txt``; names the winning writer directory if there is one."""
+    text = _COMMIT_TEXT.format(final=final)
+    if writer_dir:
+        text += f"\n{_WRITER_LINE}{writer_dir}\n"
+    return text
+
+
+def writer_dir_from_marker(text: str) -> str | None:
+    """The writer directory named by a commit marker, or None (Orbax's marker names none)."""
+    for line in text.splitlines():
+        if line.startswith(_WRITER_LINE):
+            name = line[len(_WRITER_LINE) :].strip()
+            if is_writer_dir_name(name) and "/" not in name and ".." not in name:
+                return name
+            raise ValueError(f"Malformed commit marker: bad writer directory {name!r}.")
+    return None
+
+
+def check_safe_name(name: str, what: str = "name") -> str:
+    """Refuse a single path component that could escape its base directory."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise _unsafe(
+            f"Refusing {what} {name!r}: it must be a single path component "
+            "(no '/', '..', or empty names) so it cannot escape the base directory."
+        )
+    return name
+
+
+def _unsafe(message: str) -> Exception:
+    from ckpt.errors import UnsafePathError
+
+    return UnsafePathError(message)

@@ -1,0 +1,160 @@
+"""Looking up backends and strategies: by URL scheme and by the ``atomicity`` key."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from upath import UPath
+
+from ckpt import config as config_lib
+from ckpt.backend import Backend
+from ckpt.errors import BackendNotInstalledError, UnknownStrategyError, UnsupportedStrategyError
+from ckpt.plugins import manager
+
+if TYPE_CHECKING:
+    from ckpt.temporary_path import TemporaryPath
+
+__all__ = [
+    "BackendInfo",
+    "get_backend",
+    "get_strategy",
+    "list_backends",
+    "list_strategies",
+    "scheme_of",
+    "strategy_for",
+]
+
+#: Packages that provide backends for well-known schemes (for "not installed" errors).
+KNOWN_BACKEND_PACKAGES = {
+    "s3": "ckpt-backend-s3",
+    "s3a": "ckpt-backend-s3",
+    "gs": "ckpt-backend-gcs",
+    "gcs": "ckpt-backend-gcs",
+    "az": "ckpt-backend-azure",
+    "abfs": "ckpt-backend-azure",
+}
+
+_LOCAL_ALIASES = {"", "file", "local", "posix"}
+
+
+def scheme_of(location: Any) -> str:
+    """The URL scheme of a path (``"file"`` for plain local paths)."""
+    if isinstance(location, UPath):
+        protocol = location.protocol
+        if isinstance(protocol, tuple):
+            protocol = protocol[0]
+        return "file" if protocol in _LOCAL_ALIASES else str(protocol)
+    text = os.fspath(location)
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        return "file" if scheme in _LOCAL_ALIASES else scheme
+    return "file"
+
+
+def get_backend(location: Any, *, config: config_lib.Config | None = None) -> Backend:
+    """The backend instance that serves ``location`` (a path, URL or UPath)."""
+    scheme = scheme_of(location)
+    registry = manager.registry()
+    backend_class = registry.backends.get(scheme)
+    if backend_class is None:
+        package = KNOWN_BACKEND_PACKAGES.get(scheme)
+        hint = (
+            f"Install it with `pip install {package}`."
+            if package
+            else "Install a ckpt backend plugin that serves this scheme."
+        )
+        failed = [f for f in registry.failures if package and package in f.name]
+        extra = f" (the installed plugin failed to load: {failed[0].error})" if failed else ""
+        raise BackendNotInstalledError(
+            f"No ckpt backend is installed for '{scheme}://' (path: {location}){extra}. {hint} "
+            f"Installed backends: {', '.join(sorted(registry.backends)) or 'none'}."
+        )
+    config = config if config is not None else config_lib.load_config()
+    options = config.backend_options(scheme)
+    key = (scheme, json.dumps(options, sort_keys=True, default=str))
+    backend = registry.instances.get(key)
+    if backend is None:
+        backend = backend_class(options)
+        registry.instances[key] = backend
+    return backend
+
+
+def list_backends() -> dict[str, type[Backend]]:
+    """Installed backends by scheme."""
+    return dict(sorted(manager.registry().backends.items()))
+
+
+def list_strategies() -> dict[str, type[TemporaryPath]]:
+    """Registered atomicity strategies by name."""
+    return dict(sorted(manager.registry().strategies.items()))
+
+
+def get_strategy(name: str) -> type[TemporaryPath]:
+    """The strategy class registered as ``name``."""
+    strategies = manager.registry().strategies
+    try:
+        return strategies[name]
+    except KeyError:
+        raise UnknownStrategyError(
+            f"Unknown atomicity strategy {name!r}. Registered strategies: "
+            f"{', '.join(sorted(strategies))} (or 'auto' for the backend's default)."
+        ) from None
+
+
+def supported_strategies(backend: Backend) -> list[str]:
+    """Names of the registered strategies whose required capabilities ``backend`` has."""
+    return backend.strategy_names_supported(list_strategies().items())
+
+
+def strategy_for(
+    location: Any, atomicity: str | None = None, *, backend: Backend | None = None
+) -> type[TemporaryPath]:
+    """The strategy class the ``atomicity`` key selects for ``location``.
+
+    Raises a clear error for an unknown name, or a strategy the backend cannot run.
+    """
+    return resolve(location, atomicity, backend=backend).strategy
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What the configuration resolves to for a location."""
+
+    backend: Backend
+    strategy: type[TemporaryPath]
+    name: str
+    source: str
+
+
+def resolve(
+    location: Any, atomicity: str | None = None, *, backend: Backend | None = None
+) -> Resolution:
+    """Backend, strategy and where the setting came from, for ``location``."""
+    config = config_lib.load_config()
+    backend = backend or get_backend(location, config=config)
+    name, source = config_lib.resolve_atomicity(scheme_of(location), atomicity, config)
+    if name == config_lib.AUTO:
+        name = backend.default_strategy
+        source = f"{source} (auto -> {backend.describe()} default)"
+    strategy = get_strategy(name)
+    missing = [c for c in getattr(strategy, "requires", ()) if not backend.capabilities.has(c)]
+    if missing:
+        works = supported_strategies(backend)
+        raise UnsupportedStrategyError(
+            f"Atomicity strategy {name!r} (from {source}) cannot run on the {backend.describe()} "
+            f"backend for {location}: it needs {', '.join(missing)}, which this store does not "
+            f"have. Strategies that work here: {', '.join(works) or 'none'}."
+        )
+    return Resolution(backend=backend, strategy=strategy, name=name, source=source)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    scheme: str
+    backend_class: type[Backend]
+    capabilities: list[str]
+    strategies: list[str]
+    default_strategy: str

@@ -1,0 +1,235 @@
+"""The ``TemporaryPath`` protocol: how a checkpoint is written somewhere invisible and then
+committed so that it appears complete all at once.
+
+A strategy (a ``TemporaryPath`` subclass registered through ``register_strategies``)
+declares the backend capabilities it ``requires`` and does all its I/O through the
+backend's primitives, so one strategy runs on every backend that can support it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import time
+from typing import Any, ClassVar, Self
+
+from upath import UPath
+
+from ckpt.backend import Backend, Entry
+from ckpt.layout import COMMIT_SUCCESS_FILE, is_temporary_name, writer_dir_from_marker
+from ckpt.paths import to_path
+from ckpt.step_metadata import StepMetadata, write_step_metadata
+
+__all__ = ["FileOptions", "ReadOnlyTemporaryPath", "TemporaryPath"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FileOptions:
+    """Options for files and directories a save creates.
+
+    Attributes:
+        path_permission_mode: mode of created directories (e.g. ``0o750``) on backends with
+            the ``permissions`` capability; other backends ignore it (and say so in their
+            documentation and ``ckpt backends``).
+    """
+
+    path_permission_mode: int | None = None
+
+
+class TemporaryPath(abc.ABC):
+    """A checkpoint being written: its temporary path, its final path, and the commit.
+
+    Class attributes:
+        name: the registered strategy name.
+        requires: backend capabilities the strategy needs.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        temporary_path: UPath,
+        final_path: UPath,
+        *,
+        backend: Backend | None = None,
+        file_options: FileOptions | None = None,
+    ) -> None:
+        from ckpt.registry import get_backend
+
+        self._tmp_path = temporary_path
+        self._final_path = final_path
+        self.backend: Backend = backend or get_backend(final_path)
+        self.file_options = file_options or FileOptions()
+        #: Step metadata kept in memory; written at create and updated at finalize.
+        self.metadata = StepMetadata()
+        self._created = False
+
+    # -- construction (no I/O) ----------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_final(
+        cls,
+        final_path: Any,
+        *,
+        backend: Backend | None = None,
+        file_options: FileOptions | None = None,
+    ) -> Self:
+        """A new writer's temporary path for ``final_path`` (unique per writer)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_temporary(
+        cls,
+        temporary_path: Any,
+        *,
+        backend: Backend | None = None,
+        file_options: FileOptions | None = None,
+    ) -> Self:
+        """The object for an existing temporary path (e.g. found by discovery)."""
+
+    def get(self) -> UPath:
+        """The path data is written to."""
+        return self._tmp_path
+
+    def get_final(self) -> UPath:
+        """The path the checkpoint has once committed."""
+        return self._final_path
+
+    # -- writing --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create(self) -> UPath:
+        """Create the temporary path and write the initial step metadata; return it."""
+
+    @abc.abstractmethod
+    async def finalize(self) -> None:
+        """Commit: the checkpoint becomes visible at :meth:`get_final`, complete.
+
+        Raises:
+            ckpt.CommitConflictError: another writer committed this checkpoint first.
+        """
+
+    async def discard(self) -> None:
+        """Remove this writer's own temporary data (after a failure or a conflict)."""
+        await self.backend.remove_tree(self.get())
+
+    async def _write_initial_metadata(self) -> None:
+        self.metadata.init_timestamp_nsecs = time.time_ns()
+        await write_step_metadata(self.backend, self.get(), self.metadata)
+
+    async def _write_commit_metadata(self) -> None:
+        self.metadata.commit_timestamp_nsecs = time.time_ns()
+        await write_step_metadata(self.backend, self.get(), self.metadata)
+
+    # -- validation -----------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    async def validate(cls, temporary_path: Any, *, backend: Backend | None = None) -> None:
+        """Raise :class:`ckpt.ValidationError` unless ``temporary_path`` is a valid temp."""
+
+    @classmethod
+    @abc.abstractmethod
+    async def validate_final(cls, final_path: Any, *, backend: Backend | None = None) -> None:
+        """Raise :class:`ckpt.ValidationError` unless ``final_path`` is a committed checkpoint."""
+
+    # -- discovery --------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    async def finalized_names(
+        cls, backend: Backend, base: UPath, entries: list[Entry]
+    ) -> list[str]:
+        """Names among ``entries`` (one listing of ``base``) that are committed checkpoints.
+
+        Strategies whose commit evidence is in the name do no I/O here; others do at most
+        one batched check."""
+
+    @classmethod
+    @abc.abstractmethod
+    async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
+        """True if ``path`` is a committed checkpoint under this strategy."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tmp={str(self.get())!r}, final={str(self.get_final())!r})"
+
+
+async def content_path(backend: Backend, final: UPath) -> UPath:
+    """Where a committed checkpoint's files are: the final path, or the winning writer
+    directory that its commit marker names (``commit_file`` on object stores)."""
+    try:
+        text = (await backend.read_bytes(final / COMMIT_SUCCESS_FILE)).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return final
+    writer = writer_dir_from_marker(text)
+    return final / writer if writer else final
+
+
+class ReadOnlyTemporaryPath(TemporaryPath):
+    """Temporary and final paths only, to hand to another process (JSON, never pickle).
+
+    ``create``, ``finalize`` and the validations raise ``NotImplementedError``.
+    """
+
+    def __init__(self, *, temporary_path: Any, final_path: Any) -> None:
+        self._tmp_path = to_path(temporary_path)
+        self._final_path = to_path(final_path)
+        self.metadata = StepMetadata()
+        self.file_options = FileOptions()
+
+    @classmethod
+    def from_paths(cls, *, temporary_path: Any, final_path: Any) -> ReadOnlyTemporaryPath:
+        return cls(temporary_path=temporary_path, final_path=final_path)
+
+    def to_bytes(self) -> bytes:
+        """JSON bytes holding both paths (as strings/URLs)."""
+        return json.dumps(
+            {"temporary_path": str(self._tmp_path), "final_path": str(self._final_path)}
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReadOnlyTemporaryPath:
+        try:
+            raw = json.loads(data)
+            tmp, final = raw["temporary_path"], raw["final_path"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"Malformed ReadOnlyTemporaryPath bytes: {exc!r}") from exc
+        if not isinstance(tmp, str) or not isinstance(final, str):
+            raise ValueError("Malformed ReadOnlyTemporaryPath bytes: paths must be strings.")
+        return cls(temporary_path=tmp, final_path=final)
+
+    @classmethod
+    def from_final(cls, final_path: Any, **kwargs: Any) -> ReadOnlyTemporaryPath:
+        raise NotImplementedError("ReadOnlyTemporaryPath is not constructible from a final path.")
+
+    @classmethod
+    def from_temporary(cls, temporary_path: Any, **kwargs: Any) -> ReadOnlyTemporaryPath:
+        raise NotImplementedError(
+            "ReadOnlyTemporaryPath is not constructible from a temporary path."
+        )
+
+    async def create(self) -> UPath:
+        raise NotImplementedError("`create` is not supported by ReadOnlyTemporaryPath.")
+
+    async def finalize(self) -> None:
+        raise NotImplementedError("`finalize` is not supported by ReadOnlyTemporaryPath.")
+
+    @classmethod
+    async def validate(cls, temporary_path: Any, *, backend: Backend | None = None) -> None:
+        raise NotImplementedError("`validate` is not supported by ReadOnlyTemporaryPath.")
+
+    @classmethod
+    async def validate_final(cls, final_path: Any, *, backend: Backend | None = None) -> None:
+        raise NotImplementedError("`validate_final` is not supported by ReadOnlyTemporaryPath.")
+
+    @classmethod
+    async def finalized_names(
+        cls, backend: Backend, base: UPath, entries: list[Entry]
+    ) -> list[str]:
+        raise NotImplementedError
+
+    @classmethod
+    async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
+        raise NotImplementedError
+
+
+__all__ += ["content_path", "is_temporary_name"]

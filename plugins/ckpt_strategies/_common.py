@@ -1,0 +1,25 @@
+"""Checks shared by the built-in strategies."""
+
+from __future__ import annotations
+
+from ckpt.backend import Backend
+from ckpt.errors import ValidationError
+from upath import UPath
+
+
+async def reject_symlink(backend: Backend, path: UPath) -> None:
+    if backend.capabilities.symlinks and await backend.is_link(path):
+        raise ValidationError(
+            f"Path {path} is a symbolic link; ckpt never treats a symlink as a checkpoint."
+        )
+
+
+async def require_dir(backend: Backend, path: UPath, what: str) -> None:
+    if not await backend.is_dir(path):
+        raise ValidationError(f"Expected {what} ({path}) to be an existing directory.")
+
+
+def backend_for(path: UPath, backend: Backend | None) -> Backend:
+    from ckpt.registry import get_backend
+
+    return backend or get_backend(path)

@@ -1,0 +1,525 @@
+"""Tests of the pytree storage format (ckpt.tree_format)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from upath import UPath
+
+from ckpt import tree_format as tf
+
+try:
+    from ckpt_backend_local import LocalBackend
+except ImportError:  # pragma: no cover - until the local backend lands
+    LocalBackend = None  # type: ignore[assignment,misc]
+
+
+def _mini_backend() -> Any:
+    """A minimal local Backend, used only while ckpt_backend_local is missing."""
+    from ckpt.backend import Backend, Entry
+
+    class MiniBackend(Backend):
+        scheme = "file"
+
+        async def exists(self, path: UPath) -> bool:
+            return Path(path).exists()
+
+        async def is_dir(self, path: UPath) -> bool:
+            return Path(path).is_dir()
+
+        async def mkdir(self, path, *, parents=True, exist_ok=True, mode=None) -> None:
+            Path(path).mkdir(parents=parents, exist_ok=exist_ok)
+
+        async def list_dir(self, path: UPath) -> list[Entry]:
+            p = Path(path)
+            return [Entry(c.name, c.is_dir()) for c in p.iterdir()] if p.is_dir() else []
+
+        async def read_bytes(self, path: UPath) -> bytes:
+            return Path(path).read_bytes()
+
+        async def write_bytes(self, path: UPath, data: bytes) -> None:
+            Path(path).write_bytes(data)
+
+        async def remove_file(self, path: UPath) -> None:
+            Path(path).unlink(missing_ok=True)
+
+        async def remove_tree(self, path: UPath) -> None:
+            import shutil
+
+            shutil.rmtree(Path(path), ignore_errors=True)
+
+        def kvstore_spec(self, path: UPath) -> dict[str, Any]:
+            return {"driver": "file", "path": str(path)}
+
+    return MiniBackend()
+
+
+@pytest.fixture
+def backend() -> Any:
+    return LocalBackend() if LocalBackend is not None else _mini_backend()
+
+
+@pytest.fixture
+def ckdir(tmp_path: Path) -> UPath:
+    return UPath(tmp_path / "ck")
+
+
+def save(backend: Any, directory: UPath, tree: Any, durable: bool = True) -> None:
+    asyncio.run(tf.write(backend, directory, tf.prepare(tree), durable=durable))
+
+
+def load(backend: Any, directory: UPath, target: Any = None) -> Any:
+    return asyncio.run(tf.read(backend, directory, target))
+
+
+def roundtrip(backend: Any, directory: UPath, tree: Any, target: Any = None) -> Any:
+    save(backend, directory, tree)
+    return load(backend, directory, target)
+
+
+def assert_same_array(a: Any, b: Any) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype
+    assert a.shape == b.shape
+    assert a.tobytes() == b.tobytes()
+
+
+DTYPES = [
+    np.bool_,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+    np.complex128,
+    ml_dtypes.bfloat16,
+]
+
+
+def sample(dtype: Any, shape: tuple[int, ...] = (5, 7), seed: int = 0) -> np.ndarray:
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    if dt == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        values = rng.integers(info.min, info.max, size=n, dtype=dt, endpoint=True)
+        values[:2] = [info.min, info.max]
+        return values.reshape(shape)
+    if dt.kind == "c":
+        return (rng.standard_normal(n) + 1j * rng.standard_normal(n)).astype(dt).reshape(shape)
+    values = (rng.standard_normal(n) * 1e3).astype(dt)
+    values[:4] = np.array([np.nan, np.inf, -np.inf, -0.0]).astype(dt)
+    return values.reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_roundtrip_every_dtype(backend: Any, ckdir: UPath, dtype: Any) -> None:
+    x = sample(dtype)
+    tree = {"np": x, "jax": jnp.asarray(x), "np0d": x.reshape(-1)[1:2].reshape(())}
+    out = roundtrip(backend, ckdir, tree)
+    for key in tree:
+        assert isinstance(out[key], np.ndarray)
+        assert_same_array(out[key], x if key != "np0d" else tree["np0d"])
+    meta = asyncio.run(tf.tree_metadata(backend, ckdir))
+    assert {leaf["dtype"] for leaf in meta["leaves"]} == {np.dtype(dtype).name}
+
+
+def test_nested_structures(backend: Any, ckdir: UPath) -> None:
+    tree = {
+        "params": {"dense": {"kernel": np.ones((3, 4), np.float32), "bias": np.zeros(4)}},
+        "layers": [
+            {"w": np.arange(6).reshape(2, 3)},
+            ({"a": [1, 2.5]}, (np.int8(3),)),
+            [],
+            (),
+            {},
+        ],
+        "opt": (np.array([1, 2]), [None, "x"]),
+    }
+    out = roundtrip(backend, ckdir, tree)
+    assert isinstance(out["layers"], list)
+    assert isinstance(out["layers"][1], tuple)
+    assert isinstance(out["layers"][1][1], tuple)
+    assert out["layers"][2] == [] and out["layers"][3] == () and out["layers"][4] == {}
+    assert isinstance(out["opt"], tuple) and isinstance(out["opt"][1], list)
+    assert_same_array(out["params"]["dense"]["kernel"], tree["params"]["dense"]["kernel"])
+    assert_same_array(out["layers"][0]["w"], tree["layers"][0]["w"])
+    assert out["layers"][1][0] == {"a": [1, 2.5]}
+    assert out["layers"][1][1][0] == np.int8(3)
+    assert isinstance(out["layers"][1][1][0], np.int8)
+    assert out["opt"][1] == [None, "x"]
+    assert list(out) == list(tree)  # key order kept
+
+
+def test_leaf_and_empty_roots(backend: Any, tmp_path: Path) -> None:
+    for i, tree in enumerate([np.arange(3), 7, None, "s", [], {}, ()]):
+        out = roundtrip(backend, UPath(tmp_path / str(i)), tree)
+        if isinstance(tree, np.ndarray):
+            assert_same_array(out, tree)
+        else:
+            assert out == tree and type(out) is type(tree)
+
+
+def test_scalars_strings_none(backend: Any, ckdir: UPath) -> None:
+    tree = {
+        "int": 3,
+        "neg": -(2**40),
+        "big": 2**70,
+        "bool_t": True,
+        "bool_f": False,
+        "float": 0.1,
+        "neg_zero": -0.0,
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "ninf": float("-inf"),
+        "tiny": 5e-324,
+        "complex": complex(1.5, -2.25),
+        "complex_nan": complex(float("nan"), float("inf")),
+        "str": "héllo wörld ✓ 🚀",
+        "empty": "",
+        "quote": 'a"b\\c\n',
+        "none": None,
+    }
+    out = roundtrip(backend, ckdir, tree)
+    assert list(out) == list(tree)
+    for key, value in tree.items():
+        assert type(out[key]) is type(value), key
+    assert out["bool_t"] is True and out["bool_f"] is False and out["none"] is None
+    for key in ("int", "neg", "big", "float", "tiny", "complex", "str", "empty", "quote"):
+        assert out[key] == tree[key], key
+    assert math.copysign(1, out["neg_zero"]) == -1
+    assert math.isnan(out["nan"]) and out["inf"] == math.inf and out["ninf"] == -math.inf
+    assert math.isnan(out["complex_nan"].real) and out["complex_nan"].imag == math.inf
+    # The JSON is strict (no NaN/Infinity tokens) and no array files were written.
+    text = (Path(ckdir) / tf.TREE_FILE).read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert not (Path(ckdir) / tf.ARRAYS_DIR).exists()
+
+
+def test_zero_d_and_empty_arrays(backend: Any, ckdir: UPath) -> None:
+    tree = {
+        "zero_d": np.array(3.5),
+        "zero_d_bool": np.array(True),
+        "zero_d_jax": jnp.array(7, jnp.int32),
+        "empty": np.zeros((0,), np.float32),
+        "empty2": np.zeros((4, 0, 3), np.int8),
+        "empty_jax": jnp.zeros((0, 2), jnp.bfloat16),
+        "np_scalar": np.float16(1.5),
+        "np_bool": np.bool_(True),
+    }
+    out = roundtrip(backend, ckdir, tree)
+    for key in ("zero_d", "zero_d_bool", "zero_d_jax", "empty", "empty2", "empty_jax"):
+        assert_same_array(out[key], tree[key])
+    assert isinstance(out["np_scalar"], np.float16) and out["np_scalar"] == np.float16(1.5)
+    assert isinstance(out["np_bool"], np.bool_) and bool(out["np_bool"])
+    assert tf.tree_nbytes(tf.prepare(tree)) == 8 + 1 + 4 + 0 + 0 + 0 + 2 + 1
+
+
+def test_odd_keys_are_safe(backend: Any, tmp_path: Path) -> None:
+    ckdir = UPath(tmp_path / "ck")
+    keys = ["with space", "ünïcødé ключ 鍵", "a/b", "..", "../escape", "/abs", ".", "", "c:\\d"]
+    tree = {k: {k: np.full((2,), i, np.int32)} for i, k in enumerate(keys)}
+    out = roundtrip(backend, ckdir, tree)
+    assert list(out) == keys
+    for i, k in enumerate(keys):
+        assert_same_array(out[k][k], np.full((2,), i, np.int32))
+    # Nothing escaped the checkpoint directory; arrays live under arrays/<index>.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert sorted(p.name for p in Path(ckdir).iterdir()) == sorted([tf.ARRAYS_DIR, tf.TREE_FILE])
+    assert sorted(int(p.name) for p in (Path(ckdir) / tf.ARRAYS_DIR).iterdir()) == list(
+        range(len(keys))
+    )
+
+
+def test_non_string_key_refused(backend: Any, ckdir: UPath) -> None:
+    with pytest.raises(TypeError, match=r"params/3.*dict keys must be str"):
+        tf.prepare({"params": {3: np.zeros(1)}})
+    with pytest.raises(TypeError, match=r"layers\[1\].*dict keys must be str"):
+        tf.prepare({"layers": [{}, {("a",): 1}]})
+
+
+def test_unsupported_leaves_refused() -> None:
+    with pytest.raises(TypeError, match=r"a/b.*unsupported type bytes"):
+        tf.prepare({"a": {"b": b"raw"}})
+    with pytest.raises(TypeError, match=r"x\[0\].*unsupported type object"):
+        tf.prepare({"x": [object()]})
+    with pytest.raises(TypeError, match=r"s.*unsupported array dtype"):
+        tf.prepare({"s": np.array(["a", "b"])})
+    with pytest.raises(TypeError, match=r"o.*unsupported array dtype"):
+        tf.prepare({"o": np.array([None], dtype=object)})
+
+
+def test_jax_restore_with_targets(backend: Any, ckdir: UPath) -> None:
+    tree = {
+        "w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4),
+        "b": np.arange(4, dtype=ml_dtypes.bfloat16),
+        "c": np.arange(3, dtype=np.int32),
+        "step": 5,
+    }
+    save(backend, ckdir, tree)
+    device = jax.devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    target = {
+        "w": jnp.zeros((3, 4), jnp.float32),
+        "b": jax.ShapeDtypeStruct((4,), jnp.bfloat16, sharding=sharding),
+        "c": jax.ShapeDtypeStruct((3,), jnp.int32),
+        "step": 0,
+    }
+    out = load(backend, ckdir, target)
+    for key in ("w", "b", "c"):
+        assert isinstance(out[key], jax.Array), key
+        assert_same_array(out[key], tree[key])
+    assert out["b"].sharding == sharding
+    assert out["w"].sharding == target["w"].sharding
+    assert out["step"] == 5
+    # numpy targets give numpy arrays.
+    out = load(backend, ckdir, {**target, "w": np.zeros((3, 4), np.float32)})
+    assert isinstance(out["w"], np.ndarray) and not isinstance(out["w"], jax.Array)
+
+
+def test_target_mismatch_errors_name_the_leaf(backend: Any, ckdir: UPath) -> None:
+    tree = {
+        "params": {"dense": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(3)}},
+        "layers": [np.zeros(1), np.zeros(2), np.zeros((4, 4), np.int8)],
+        "pair": (1, "a"),
+        "step": 3,
+    }
+    save(backend, ckdir, tree)
+    good = {
+        "params": {
+            "dense": {
+                "kernel": jax.ShapeDtypeStruct((2, 3), jnp.float32),
+                "bias": np.zeros(3),
+            }
+        },
+        "layers": [np.zeros(1), np.zeros(2), np.zeros((4, 4), np.int8)],
+        "pair": (0, ""),
+        "step": 0,
+    }
+    load(backend, ckdir, good)
+
+    def bad(match: str, **changes: Any) -> None:
+        target = {**good, **changes}
+        with pytest.raises(ValueError, match=match):
+            load(backend, ckdir, target)
+
+    kernel_bad_shape = {"dense": {**good["params"]["dense"], "kernel": np.zeros((3, 2))}}
+    bad(r"params/dense/kernel.*shape.*\(2, 3\).*\(3, 2\)", params=kernel_bad_shape)
+    kernel_bad_dtype = {
+        "dense": {**good["params"]["dense"], "kernel": jax.ShapeDtypeStruct((2, 3), jnp.int32)}
+    }
+    bad(r"params/dense/kernel.*dtype.*float32.*int32", params=kernel_bad_dtype)
+    bad(r"layers\[2\].*shape", layers=[np.zeros(1), np.zeros(2), np.zeros((4, 5), np.int8)])
+    bad(r"layers\[2\].*dtype.*int8.*uint8", layers=[*good["layers"][:2], np.zeros((4, 4), "u1")])
+    bad(r"layers.*3 items.*2", layers=good["layers"][:2])
+    bad(r"layers.*list.*tuple", layers=tuple(good["layers"]))
+    bad(r"params/dense.*keys differ.*'weight'.*'kernel'", params={"dense": {
+        "weight": np.zeros((2, 3)), "bias": np.zeros(3)}})
+    bad(r"params.*dict.*list", params=[1])
+    bad(r"step.*int.*float", step=0.0)
+    bad(r"step.*checkpoint has a int.*array", step=np.zeros(()))
+    bad(r"layers\[0\].*array.*str", layers=["x", *good["layers"][1:]])
+    bad(r"pair\[1\].*leaf.*dict", pair=(0, {}))
+    with pytest.raises(ValueError, match=r"<root>.*dict.*list"):
+        load(backend, ckdir, [1])
+
+
+def test_mutation_after_prepare_is_not_written(backend: Any, ckdir: UPath) -> None:
+    x = np.arange(10, dtype=np.float32)
+    nested = [np.ones(3)]
+    prepared = tf.prepare({"x": x, "nested": nested})
+    x[:] = -1
+    nested[0][:] = 7
+    nested.append(np.zeros(1))  # changes to the containers do not matter either
+    asyncio.run(tf.write(backend, ckdir, prepared))
+    out = load(backend, ckdir)
+    assert_same_array(out["x"], np.arange(10, dtype=np.float32))
+    assert len(out["nested"]) == 1
+    assert_same_array(out["nested"][0], np.ones(3))
+
+
+def test_jax_arrays_deleted_or_donated_after_prepare(backend: Any, ckdir: UPath) -> None:
+    a = jnp.arange(8, dtype=jnp.float32)
+    b = jnp.arange(8, dtype=jnp.int32) * 2
+    prepared = tf.prepare({"a": a, "b": b})
+    a.delete()
+    jax.jit(lambda v: v + 1, donate_argnums=0)(b).block_until_ready()
+    asyncio.run(tf.write(backend, ckdir, prepared))
+    out = load(backend, ckdir)
+    assert_same_array(out["a"], np.arange(8, dtype=np.float32))
+    assert_same_array(out["b"], np.arange(8, dtype=np.int32) * 2)
+    c = jnp.zeros(2)
+    c.delete()
+    with pytest.raises(ValueError, match="c.*deleted"):
+        tf.prepare({"c": c})
+
+
+def test_metadata_and_nbytes(backend: Any, ckdir: UPath) -> None:
+    tree = {"w": np.zeros((4, 8), np.float32), "j": jnp.ones(3, jnp.bfloat16), "n": "x"}
+    prepared = tf.prepare(tree)
+    assert tf.tree_nbytes(prepared) == 4 * 8 * 4 + 3 * 2
+    asyncio.run(tf.write(backend, ckdir, prepared, durable=False))
+    meta = asyncio.run(tf.tree_metadata(backend, ckdir))
+    assert meta["format"] == tf.FORMAT_NAME and meta["version"] == tf.FORMAT_VERSION
+    assert meta["structure"]["type"] == "dict" and meta["structure"]["keys"] == ["w", "j", "n"]
+    w, j, n = meta["leaves"]
+    assert w["kind"] == "array" and w["dtype"] == "float32" and w["shape"] == [4, 8]
+    assert w["source"] == "numpy" and j["source"] == "jax" and j["dtype"] == "bfloat16"
+    assert w["path"] == "arrays/0" and w["nbytes"] == 128
+    assert n == {"keypath": "n", "kind": "str", "value": "x"}
+    zarr = json.loads((Path(ckdir) / "arrays/0/zarr.json").read_text())
+    assert zarr["zarr_format"] == 3
+    assert [c["name"] for c in zarr["codecs"]] == ["bytes"]  # uncompressed
+
+
+def test_multichunk_arrays(backend: Any, ckdir: UPath, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tf, "CHUNK_BYTES", 1000)
+    tree = {
+        "rows": sample(np.float32, (100, 7)),  # 28 bytes a row -> 35 rows a chunk
+        "wide": sample(np.int16, (3, 2000)),  # a row is 4000 bytes -> split axis 1
+        "cube": sample(np.complex128, (5, 4, 30)),
+    }
+    out = roundtrip(backend, ckdir, tree)
+    for key in tree:
+        assert_same_array(out[key], tree[key])
+    meta = asyncio.run(tf.tree_metadata(backend, ckdir))
+    chunks = {leaf["keypath"]: leaf["chunks"] for leaf in meta["leaves"]}
+    assert chunks == {"rows": [35, 7], "wide": [1, 500], "cube": [1, 2, 30]}
+    assert len(list((Path(ckdir) / "arrays/0/c").iterdir())) == 3
+
+
+def test_second_write_to_same_directory_refused(backend: Any, ckdir: UPath) -> None:
+    save(backend, ckdir, {"a": np.zeros(2)})
+    with pytest.raises(ValueError):
+        save(backend, ckdir, {"a": np.ones(2)})
+    assert_same_array(load(backend, ckdir)["a"], np.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[]", "not a JSON object"),
+        (b"{}", "format"),
+        (b'{"format": "ckpt-tree", "version": 99}', "unknown format version 99"),
+        (b'{"format": "ckpt-tree", "version": 1}', "leaves"),
+        (b'{"format": "ckpt-tree", "version": 1, "leaves": []}', "structure"),
+        (
+            b'{"format": "ckpt-tree", "version": 1, "leaves": [],'
+            b' "structure": {"type": "leaf", "index": 0}}',
+            "bad leaf index",
+        ),
+        (
+            b'{"format": "ckpt-tree", "version": 1, "structure": {"type": "leaf", "index": 0},'
+            b' "leaves": [{"keypath": "a", "kind": "array", "dtype": "float32", "shape": [1],'
+            b' "path": "../../etc"}]}',
+            "unsafe or missing array path",
+        ),
+        (
+            b'{"format": "ckpt-tree", "version": 1, "structure": {"type": "leaf", "index": 0},'
+            b' "leaves": [{"keypath": "a", "kind": "array", "dtype": "object", "shape": [1],'
+            b' "path": "arrays/0"}]}',
+            "bad dtype",
+        ),
+        (
+            b'{"format": "ckpt-tree", "version": 1, "structure": {"type": "leaf", "index": 0},'
+            b' "leaves": [{"keypath": "a", "kind": "float", "value": "NaN!"}]}',
+            "bad float",
+        ),
+        (
+            b'{"format": "ckpt-tree", "version": 1, "structure": {"type": "dict",'
+            b' "keys": ["a"], "children": []}, "leaves": []}',
+            "bad 'keys'",
+        ),
+        (
+            b'{"format": "ckpt-tree", "version": 1, "structure": {"type": "set",'
+            b' "children": []}, "leaves": []}',
+            "unknown type 'set'",
+        ),
+    ],
+)
+def test_malformed_json(backend: Any, ckdir: UPath, content: bytes, match: str) -> None:
+    save(backend, ckdir, {"a": np.zeros(1)})
+    (Path(ckdir) / tf.TREE_FILE).write_bytes(content)
+    for call in (tf.tree_metadata(backend, ckdir), tf.read(backend, ckdir)):
+        with pytest.raises(ValueError, match=match) as info:
+            asyncio.run(call)
+        assert str(Path(ckdir) / tf.TREE_FILE) in str(info.value)
+
+
+def test_missing_tree_file(backend: Any, ckdir: UPath) -> None:
+    with pytest.raises(FileNotFoundError):
+        load(backend, ckdir)
+
+
+def test_array_disagreeing_with_metadata(backend: Any, ckdir: UPath) -> None:
+    save(backend, ckdir, {"a": np.zeros((2, 2), np.float32)})
+    path = Path(ckdir) / tf.TREE_FILE
+    doc = json.loads(path.read_text())
+    doc["leaves"][0]["shape"] = [4]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"Leaf 'a'.*float32\(2, 2\).*metadata says"):
+        load(backend, ckdir)
+
+
+def test_sharded_cpu_arrays(tmp_path: Path) -> None:
+    """Multi-device (forced host platform) sharded and replicated arrays, in a subprocess."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        import jax, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from upath import UPath
+        from ckpt import tree_format as tf
+        from test_tree_format import _mini_backend, LocalBackend
+        backend = LocalBackend() if LocalBackend is not None else _mini_backend()
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
+        host = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+        tree = {{
+            "sharded": jax.device_put(host, NamedSharding(mesh, P("x", "y"))),
+            "rows": jax.device_put(host, NamedSharding(mesh, P("x"))),
+            "replicated": jax.device_put(host, NamedSharding(mesh, P())),
+        }}
+        d = UPath({str(tmp_path / "ck")!r})
+        tf.CHUNK_BYTES = 48  # chunks that do not align with the shards
+        asyncio.run(tf.write(backend, d, tf.prepare(tree)))
+        target = {{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                  for k, v in tree.items()}}
+        out = asyncio.run(tf.read(backend, d, target))
+        for k, v in out.items():
+            assert v.sharding == tree[k].sharding, k
+            np.testing.assert_array_equal(np.asarray(v), host)
+        print("OK")
+        """
+    )
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
