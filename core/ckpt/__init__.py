@@ -38,7 +38,13 @@ from ckpt.step import (
     step_from_checkpoint_name,
 )
 from ckpt.step_metadata import StepMetadata
-from ckpt.temporary_path import FileOptions, ReadOnlyTemporaryPath, TemporaryPath, content_path
+from ckpt.temporary_path import (
+    FileOptions,
+    ReadOnlyTemporaryPath,
+    TemporaryPath,
+    content_path,
+    delete_checkpoint,
+)
 from ckpt.temporary_paths import (
     PathState,
     all_temporary_paths,
@@ -78,6 +84,7 @@ __all__ = [
     "cleanup_temporary_paths",
     "composite_name_format",
     "content_path",
+    "delete_checkpoint",
     "find_step_path",
     "get_backend",
     "get_save_directory",

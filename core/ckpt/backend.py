@@ -78,6 +78,12 @@ class Backend(abc.ABC):
     capabilities: Capabilities = Capabilities()
     #: The strategy ``atomicity = "auto"`` resolves to on this backend.
     default_strategy: str = "commit_file"
+    #: True on stores without folders where a name appears in a listing only once an object
+    #: is written under it. ``commit_file`` writes nothing under the final name before its
+    #: marker, so there a final name in a listing *is* the commit evidence (one LIST, no
+    #: per-step request). Checkpoints written by other tools may break that rule: keep
+    #: False where foreign in-progress checkpoints can share the directory.
+    names_decide_commit: bool = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})

@@ -13,7 +13,7 @@ __all__ = [
     "COMMIT_SUCCESS_FILE",
     "METADATA_FILE",
     "TMP_DIR_SUFFIX",
-    "WRITER_DIR_PREFIX",
+    "WRITER_DIR_INFIX",
 ]
 
 #: Suffix that marks a temporary checkpoint directory (Orbax detects it by substring).
@@ -22,14 +22,15 @@ TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_SUCCESS_FILE = "commit_success.txt"
 #: Step metadata JSON file (Orbax's name).
 METADATA_FILE = "_CHECKPOINT_METADATA"
-#: Prefix of the writer-unique directory that holds one writer's files under ``commit_file``.
-WRITER_DIR_PREFIX = ".ckpt-writer-"
+#: Infix of the writer-unique sibling directory holding one writer's files under
+#: ``commit_file``: ``<final name>.ckpt-writer-<token>``.
+WRITER_DIR_INFIX = ".ckpt-writer-"
 
 _COMMIT_TEXT = "Checkpoint commit was successful to {final}"
 _WRITER_LINE = "ckpt-writer: "
 
 
-def unique_token() -> str:
+def unique_token() -> str:  # "<time_ns>-<pid>-<12 hex>": parsed by temporary_paths
     """A token unique to one writer: wall time, process id and 48 random bits."""
     return f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
@@ -52,13 +53,21 @@ def final_name_of(temporary_name: str) -> str:
     return temporary_name[:index]
 
 
-def writer_dir_name(token: str | None = None) -> str:
-    """The name of a writer-unique directory used by the ``commit_file`` strategy."""
-    return f"{WRITER_DIR_PREFIX}{token or unique_token()}"
+def writer_dir_name(final_name: str, token: str | None = None) -> str:
+    """The writer-unique sibling directory of ``final_name`` used by ``commit_file``."""
+    return f"{final_name}{WRITER_DIR_INFIX}{token or unique_token()}"
 
 
 def is_writer_dir_name(name: str) -> bool:
-    return name.startswith(WRITER_DIR_PREFIX)
+    return WRITER_DIR_INFIX in name and not is_temporary_name(name)
+
+
+def final_name_of_writer(name: str) -> str:
+    """The final name a writer directory belongs to."""
+    index = name.find(WRITER_DIR_INFIX)
+    if index <= 0:
+        raise ValueError(f"Expected {name!r} to contain {WRITER_DIR_INFIX!r}.")
+    return name[:index]
 
 
 def commit_marker_text(final: str, writer_dir: str | None = None) -> str:
@@ -69,14 +78,19 @@ def commit_marker_text(final: str, writer_dir: str | None = None) -> str:
     return text
 
 
-def writer_dir_from_marker(text: str) -> str | None:
-    """The writer directory named by a commit marker, or None (Orbax's marker names none)."""
+def writer_dir_from_marker(text: str, final_name: str) -> str | None:
+    """The writer directory named by the commit marker of ``final_name``, or None (Orbax's
+    marker names none). Refuses names that are not writer directories of ``final_name``."""
     for line in text.splitlines():
         if line.startswith(_WRITER_LINE):
             name = line[len(_WRITER_LINE) :].strip()
-            if is_writer_dir_name(name) and "/" not in name and ".." not in name:
+            if (
+                name.startswith(final_name + WRITER_DIR_INFIX)
+                and "/" not in name
+                and "\\" not in name
+            ):
                 return name
-            raise ValueError(f"Malformed commit marker: bad writer directory {name!r}.")
+            raise ValueError(f"Malformed commit marker of {final_name!r}: writer {name!r}.")
     return None
 
 

@@ -16,7 +16,7 @@ from upath import UPath
 
 from ckpt import _sync
 from ckpt.backend import Entry
-from ckpt.layout import check_safe_name, is_temporary_name
+from ckpt.layout import check_safe_name, is_temporary_name, is_writer_dir_name
 from ckpt.paths import to_path
 from ckpt.registry import resolve
 from ckpt.temporary_paths import all_temporary_paths_async
@@ -291,7 +291,11 @@ def step_from_checkpoint_name(name: str) -> int:
 
 
 def _legacy_step_name(name: str) -> bool:
-    return not is_temporary_name(name) and (name.isdigit() or name.split("_")[-1].isdigit())
+    return (
+        not is_temporary_name(name)
+        and not is_writer_dir_name(name)
+        and (name.isdigit() or name.split("_")[-1].isdigit())
+    )
 
 
 def checkpoint_steps_paths(checkpoint_dir: Any, *, atomicity: str | None = None) -> list[UPath]:

@@ -153,15 +153,32 @@ class TemporaryPath(abc.ABC):
         return f"{type(self).__name__}(tmp={str(self.get())!r}, final={str(self.get_final())!r})"
 
 
-async def content_path(backend: Backend, final: UPath) -> UPath:
-    """Where a committed checkpoint's files are: the final path, or the winning writer
-    directory that its commit marker names (``commit_file`` on object stores)."""
+async def committed_writer(backend: Backend, final: UPath) -> str | None:
+    """The writer directory the commit marker of ``final`` names, or None."""
     try:
         text = (await backend.read_bytes(final / COMMIT_SUCCESS_FILE)).decode("utf-8", "replace")
     except FileNotFoundError:
-        return final
-    writer = writer_dir_from_marker(text)
-    return final / writer if writer else final
+        return None
+    return writer_dir_from_marker(text, final.name)
+
+
+async def content_path(backend: Backend, final: UPath) -> UPath:
+    """Where a committed checkpoint's files are: the final path itself, or the writer
+    directory (a sibling, under ``commit_file``) that its commit marker names."""
+    writer = await committed_writer(backend, final)
+    return final.parent / writer if writer else final
+
+
+async def delete_checkpoint(backend: Backend, final: UPath) -> None:
+    """Delete a checkpoint safely: uncommit first (marker), then its files.
+
+    A crash half way leaves at most a temporary (uncommitted) writer directory, which
+    cleanup removes; never something that looks committed but is not."""
+    writer = await committed_writer(backend, final)
+    if writer:
+        await backend.remove_file(final / COMMIT_SUCCESS_FILE)
+        await backend.remove_tree(final.parent / writer)
+    await backend.remove_tree(final)
 
 
 class ReadOnlyTemporaryPath(TemporaryPath):
@@ -232,4 +249,4 @@ class ReadOnlyTemporaryPath(TemporaryPath):
         raise NotImplementedError
 
 
-__all__ += ["content_path", "is_temporary_name"]
+__all__ += ["committed_writer", "content_path", "delete_checkpoint", "is_temporary_name"]

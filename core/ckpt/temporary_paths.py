@@ -1,25 +1,27 @@
 """Finding, classifying and cleaning up temporary checkpoints.
 
-"Temporary" needs positive evidence: the temporary suffix in the name, or the in-progress
-state ckpt's own ``commit_file`` save leaves (a writer directory and no commit marker).
-A directory with neither commit nor in-progress evidence is *unknown*: never reported
+"Temporary" needs positive evidence: the temporary suffix in the name (``rename`` and every
+Orbax form), or a ckpt writer directory (``commit_file``) that no commit marker names.
+A directory with neither commit nor temporary evidence is *unknown*: never reported
 finalized and never deleted. Symbolic links are never temporary checkpoints.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
+import re
 from typing import Any
 
 from upath import UPath
 
 from ckpt import _sync
-from ckpt.backend import Backend, Entry
-from ckpt.layout import COMMIT_SUCCESS_FILE, is_temporary_name, is_writer_dir_name
+from ckpt.backend import Backend
+from ckpt.layout import final_name_of_writer, is_temporary_name, is_writer_dir_name
 from ckpt.paths import to_path
 from ckpt.registry import get_strategy, resolve
-from ckpt.temporary_path import TemporaryPath
+from ckpt.temporary_path import TemporaryPath, committed_writer
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ __all__ = [
     "path_state",
 ]
 
+_TOKEN_TIME = re.compile(r"(?:\.orbax-checkpoint-tmp-|\.ckpt-writer-)(\d{16,20})-\d+-[0-9a-f]+$")
+
 
 class PathState(enum.StrEnum):
     """What a directory under a checkpoint root is."""
@@ -41,32 +45,21 @@ class PathState(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
-async def has_inprogress_writer(
-    backend: Backend, path: UPath, entries: list[Entry] | None = None
-) -> bool:
-    """True if ``path`` holds a ckpt writer directory and no commit marker."""
-    if entries is None:
-        entries = await backend.list_dir(path)
-    if any(e.name == COMMIT_SUCCESS_FILE for e in entries):
-        return False
-    return any(e.is_dir and not e.is_link and is_writer_dir_name(e.name) for e in entries)
-
-
-async def _writer_dirs(backend: Backend, path: UPath) -> list[str]:
-    entries = await backend.list_dir(path)
-    if any(e.name == COMMIT_SUCCESS_FILE for e in entries):
-        return []
-    return [e.name for e in entries if e.is_dir and not e.is_link and is_writer_dir_name(e.name)]
+def created_ns(name: str) -> int | None:
+    """Creation time (ns) recorded in a ckpt temporary name, or None (e.g. Orbax's names)."""
+    match = _TOKEN_TIME.search(name)
+    return int(match.group(1)) if match else None
 
 
 async def is_temporary_async(backend: Backend, path: UPath) -> bool:
-    if await backend.is_link(path):
+    if await backend.is_link(path) or not await backend.is_dir(path):
         return False
     if is_temporary_name(path.name):
-        return await backend.is_dir(path)
+        return True
     if is_writer_dir_name(path.name):
-        return await backend.is_dir(path) and await has_inprogress_writer(backend, path.parent)
-    return await has_inprogress_writer(backend, path)
+        final = path.parent / final_name_of_writer(path.name)
+        return await committed_writer(backend, final) != path.name
+    return False
 
 
 async def path_state_async(
@@ -79,74 +72,100 @@ async def path_state_async(
     return PathState.UNKNOWN
 
 
-async def all_temporary_paths_async(root: UPath, backend: Backend) -> list[TemporaryPath]:
-    """Every temporary checkpoint directly under ``root`` (one listing + batched checks)."""
+async def all_temporary_paths_async(
+    root: UPath, backend: Backend, *, created_before_ns: int | None = None
+) -> list[TemporaryPath]:
+    """Every temporary checkpoint directly under ``root``: one listing, plus one marker read
+    per final name that has writer directories (concurrently).
+
+    With ``created_before_ns``, temporaries whose ckpt name records a later creation time
+    (writers that started after that moment, possibly still live) are left out."""
     entries = await backend.list_dir(root)
-    found: list[TemporaryPath] = []
     rename_cls = get_strategy("rename")
     commit_cls = get_strategy("commit_file")
-    plain: list[str] = []
+    found: list[TemporaryPath] = []
+    writers: dict[str, list[str]] = {}
     for entry in entries:
         if entry.is_link or not entry.is_dir:
             continue
+        if created_before_ns is not None:
+            created = created_ns(entry.name)
+            if created is not None and created >= created_before_ns:
+                continue
         if is_temporary_name(entry.name):
             found.append(rename_cls.from_temporary(root / entry.name, backend=backend))
-        else:
-            plain.append(entry.name)
-    committed = await backend.exists_many([root / n / COMMIT_SUCCESS_FILE for n in plain])
-    unmarked = [n for n, ok in zip(plain, committed, strict=True) if not ok]
-    for name in unmarked:
-        for writer in await _writer_dirs(backend, root / name):
-            found.append(commit_cls.from_temporary(root / name / writer, backend=backend))
+        elif is_writer_dir_name(entry.name):
+            writers.setdefault(final_name_of_writer(entry.name), []).append(entry.name)
+    if writers:
+        present = {e.name for e in entries if e.is_dir}
+        finals = sorted(writers)
+
+        async def winner(final: str) -> str | None:
+            if final not in present:
+                return None
+            try:
+                return await committed_writer(backend, root / final)
+            except ValueError:  # malformed marker: keep everything, it is not ours to judge
+                return "<malformed>"
+
+        winners = await asyncio.gather(*(winner(f) for f in finals))
+        for final, won in zip(finals, winners, strict=True):
+            if won == "<malformed>":
+                logger.warning("Malformed commit marker in %s; leaving its writers alone.", final)
+                continue
+            for name in writers[final]:
+                if name != won:
+                    found.append(commit_cls.from_temporary(root / name, backend=backend))
     return found
 
 
-async def cleanup_temporary_paths_async(root: UPath, backend: Backend) -> list[UPath]:
+async def cleanup_temporary_paths_async(
+    root: UPath, backend: Backend, *, created_before_ns: int | None = None
+) -> list[UPath]:
     """Remove every temporary checkpoint under ``root``; return what was removed."""
-    removed: list[UPath] = []
-    for tmp in await all_temporary_paths_async(root, backend):
-        path = tmp.get()
-        logger.info("Removing temporary checkpoint %s", path)
-        await backend.remove_tree(path)
-        removed.append(path)
-        if is_writer_dir_name(path.name):
-            final = tmp.get_final()
-            if not await backend.list_dir(final):
-                await backend.remove_tree(final)
-    return removed
+    temps = await all_temporary_paths_async(root, backend, created_before_ns=created_before_ns)
+    for tmp in temps:
+        logger.info("Removing temporary checkpoint %s", tmp.get())
+    await asyncio.gather(*(backend.remove_tree(t.get()) for t in temps))
+    return [t.get() for t in temps]
 
 
-def _backend_and_strategy(location: Any, atomicity: str | None) -> tuple[UPath, Any]:
+def _resolved(location: Any, atomicity: str | None) -> tuple[UPath, Any]:
     path = to_path(location)
     return path, resolve(path, atomicity)
 
 
 def is_path_finalized(path: Any, *, atomicity: str | None = None) -> bool:
     """True if ``path`` is a committed checkpoint under the configured strategy."""
-    p, r = _backend_and_strategy(path, atomicity)
+    p, r = _resolved(path, atomicity)
     return _sync.run(r.strategy.is_finalized(r.backend, p))
 
 
 def is_path_temporary(path: Any, *, atomicity: str | None = None) -> bool:
     """True if ``path`` is a temporary checkpoint (positive evidence only)."""
-    p, r = _backend_and_strategy(path, atomicity)
+    p, r = _resolved(path, atomicity)
     return _sync.run(is_temporary_async(r.backend, p))
 
 
 def path_state(path: Any, *, atomicity: str | None = None) -> PathState:
     """``finalized``, ``temporary`` or ``unknown``."""
-    p, r = _backend_and_strategy(path, atomicity)
+    p, r = _resolved(path, atomicity)
     return _sync.run(path_state_async(p, r.strategy, r.backend))
 
 
 def all_temporary_paths(root: Any, *, atomicity: str | None = None) -> list[TemporaryPath]:
     """Temporary checkpoints directly under ``root``, as TemporaryPath objects."""
-    p, r = _backend_and_strategy(root, atomicity)
+    p, r = _resolved(root, atomicity)
     return _sync.run(all_temporary_paths_async(p, r.backend))
 
 
-def cleanup_temporary_paths(root: Any, *, atomicity: str | None = None) -> list[UPath]:
+def cleanup_temporary_paths(
+    root: Any, *, atomicity: str | None = None, created_before_ns: int | None = None
+) -> list[UPath]:
     """Remove every temporary checkpoint under ``root`` (as Orbax does). Finalized and
-    unknown directories and symbolic links are never removed. Returns the removed paths."""
-    p, r = _backend_and_strategy(root, atomicity)
-    return _sync.run(cleanup_temporary_paths_async(p, r.backend))
+    unknown directories and symbolic links are never removed. ``created_before_ns`` spares
+    writers that started at or after that time. Returns the removed paths."""
+    p, r = _resolved(root, atomicity)
+    return _sync.run(
+        cleanup_temporary_paths_async(p, r.backend, created_before_ns=created_before_ns)
+    )

@@ -1,13 +1,16 @@
-"""``commit_file``: each writer writes into its own ``<final>/.ckpt-writer-<id>`` directory;
-the commit is a create-if-absent of ``<final>/commit_success.txt`` naming the winner.
+"""``commit_file``: each writer writes into its own sibling directory
+``<final>.ckpt-writer-<id>``; the commit is a create-if-absent of
+``<final>/commit_success.txt`` whose text names the winning writer directory.
 
 With a conditional put, two writers committing one step cannot both win: the loser gets
 :class:`ckpt.CommitConflictError` and removes its own files; the winner's checkpoint is
-exactly what the winner wrote. Checkpoints committed by Orbax (marker, files directly in the
-final directory) are read as they are.
+exactly what the winner wrote, and a zombie writer can never add files to it. Nothing is
+written under the final name before the marker, so on stores without folders a final name
+in a listing is itself the commit evidence. Checkpoints committed by Orbax (a marker and
+the files directly in the final directory) are read as they are.
 
-Unlike Orbax, a directory without a marker is only *temporary* when it holds a ckpt writer
-directory (positive evidence); otherwise it is *unknown* and never deleted (orbax#394).
+Unlike Orbax, an unmarked directory is never treated as temporary (orbax#394): only the
+writer directories ckpt creates, and names with the temporary suffix, are.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from ckpt.errors import CommitConflictError, ValidationError
 from ckpt.layout import (
     COMMIT_SUCCESS_FILE,
     commit_marker_text,
+    final_name_of_writer,
     is_temporary_name,
     is_writer_dir_name,
-    writer_dir_from_marker,
     writer_dir_name,
 )
 from ckpt.paths import to_path
-from ckpt.temporary_path import FileOptions, TemporaryPath
+from ckpt.temporary_path import FileOptions, TemporaryPath, committed_writer
 from upath import UPath
 
 from ckpt_strategies._common import backend_for as _backend
@@ -37,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 class CommitFileTemporaryPath(TemporaryPath):
-    """Writer-unique directory inside the final path, committed by a marker file."""
+    """Writer-unique sibling directory, committed by a conditional marker file."""
 
     name = "commit_file"
     requires = ("conditional_put",)
@@ -51,9 +54,10 @@ class CommitFileTemporaryPath(TemporaryPath):
         file_options: FileOptions | None = None,
     ) -> CommitFileTemporaryPath:
         final = to_path(final_path)
-        if is_temporary_name(final.name):
-            raise ValueError(f"A final checkpoint name must not contain the temp suffix: {final}")
-        return cls(final / writer_dir_name(), final, backend=backend, file_options=file_options)
+        if is_temporary_name(final.name) or is_writer_dir_name(final.name):
+            raise ValueError(f"Not a valid final checkpoint name: {final}")
+        tmp = final.parent / writer_dir_name(final.name)
+        return cls(tmp, final, backend=backend, file_options=file_options)
 
     @classmethod
     def from_temporary(
@@ -64,7 +68,8 @@ class CommitFileTemporaryPath(TemporaryPath):
         file_options: FileOptions | None = None,
     ) -> CommitFileTemporaryPath:
         tmp = to_path(temporary_path)
-        final = tmp.parent if is_writer_dir_name(tmp.name) else tmp
+        # An Orbax-style commit-file temporary is the final directory itself.
+        final = tmp.parent / final_name_of_writer(tmp.name) if is_writer_dir_name(tmp.name) else tmp
         return cls(tmp, final, backend=backend, file_options=file_options)
 
     async def create(self) -> UPath:
@@ -72,7 +77,7 @@ class CommitFileTemporaryPath(TemporaryPath):
         if await self.backend.exists(final / COMMIT_SUCCESS_FILE):
             raise CommitConflictError(f"Cannot save to {final}: it is already committed.")
         mode = self.file_options.path_permission_mode
-        await self.backend.mkdir(final, parents=True, exist_ok=True, mode=mode)
+        await self.backend.mkdir(tmp.parent, parents=True, exist_ok=True)
         await self.backend.mkdir(tmp, parents=False, exist_ok=False, mode=mode)
         self._created = True
         await self._write_initial_metadata()
@@ -82,7 +87,9 @@ class CommitFileTemporaryPath(TemporaryPath):
         tmp, final = self.get(), self.get_final()
         await self._write_commit_metadata()
         await self.backend.sync_tree(tmp)
-        await self.backend.sync_dir(final)
+        await self.backend.mkdir(
+            final, parents=False, exist_ok=True, mode=self.file_options.path_permission_mode
+        )
         marker = commit_marker_text(str(final), writer_dir=tmp.name).encode()
         logger.info("Committing %s (writer %s)", final, tmp.name)
         try:
@@ -94,21 +101,23 @@ class CommitFileTemporaryPath(TemporaryPath):
                 f"checkpoint was left untouched and this writer's {tmp.name} was removed."
             ) from exc
         await self.backend.sync_dir(final)
+        await self.backend.sync_dir(final.parent)
 
     @classmethod
     async def validate(cls, temporary_path: Any, *, backend: Backend | None = None) -> None:
         tmp = to_path(temporary_path)
         backend = _backend(tmp, backend)
         await reject_symlink(backend, tmp)
-        final = tmp.parent if is_writer_dir_name(tmp.name) else tmp
-        try:
-            marker = (await backend.read_bytes(final / COMMIT_SUCCESS_FILE)).decode()
-        except FileNotFoundError:
-            marker = None
-        if marker is not None and (final == tmp or writer_dir_from_marker(marker) == tmp.name):
+        if is_writer_dir_name(tmp.name):
+            final = tmp.parent / final_name_of_writer(tmp.name)
+            if await committed_writer(backend, final) == tmp.name:
+                raise ValidationError(
+                    f"Expected {cls.__name__} ({tmp}) not to be committed, but the "
+                    f"{COMMIT_SUCCESS_FILE} of {final} names it."
+                )
+        elif await backend.exists(tmp / COMMIT_SUCCESS_FILE):
             raise ValidationError(
-                f"Expected {cls.__name__} ({tmp}) not to be committed, but {final} holds "
-                f"{COMMIT_SUCCESS_FILE} naming it."
+                f"Expected {cls.__name__} ({tmp}) not to contain {COMMIT_SUCCESS_FILE}."
             )
         await require_dir(backend, tmp, cls.__name__)
 
@@ -128,14 +137,23 @@ class CommitFileTemporaryPath(TemporaryPath):
         cls, backend: Backend, base: UPath, entries: list[Entry]
     ) -> list[str]:
         candidates = [
-            e.name for e in entries if e.is_dir and not e.is_link and not is_temporary_name(e.name)
+            e.name
+            for e in entries
+            if e.is_dir
+            and not e.is_link
+            and not is_temporary_name(e.name)
+            and not is_writer_dir_name(e.name)
         ]
+        if backend.names_decide_commit:
+            return candidates
         found = await backend.exists_many([base / n / COMMIT_SUCCESS_FILE for n in candidates])
         return [n for n, ok in zip(candidates, found, strict=True) if ok]
 
     @classmethod
     async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
-        if is_temporary_name(path.name) or await backend.is_link(path):
+        if is_temporary_name(path.name) or is_writer_dir_name(path.name):
+            return False
+        if await backend.is_link(path):
             return False
         return await backend.exists(path / COMMIT_SUCCESS_FILE)
 

@@ -19,6 +19,7 @@ from ckpt.layout import (
     commit_marker_text,
     final_name_of,
     is_temporary_name,
+    is_writer_dir_name,
     temporary_name,
 )
 from ckpt.paths import to_path
@@ -129,14 +130,9 @@ class AtomicRenameTemporaryPath(TemporaryPath):
 
     @classmethod
     async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
-        from ckpt.temporary_paths import has_inprogress_writer
-
-        if is_temporary_name(path.name):
+        if is_temporary_name(path.name) or is_writer_dir_name(path.name):
             return False
-        if await backend.is_link(path) or not await backend.is_dir(path):
-            return False
-        # A ckpt commit_file save in progress has no suffix but is not committed.
-        return not await has_inprogress_writer(backend, path)
+        return not await backend.is_link(path) and await backend.is_dir(path)
 
 
 @hookimpl
