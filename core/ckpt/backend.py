@@ -98,6 +98,12 @@ class Backend(abc.ABC):
             return location
         return UPath(location)
 
+    def bind(self, path: UPath) -> Backend:
+        """The backend that serves ``path``. Stores whose capabilities differ per bucket
+        (e.g. GCS flat vs hierarchical-namespace buckets) return a per-bucket view here;
+        the default is ``self``."""
+        return self
+
     def describe(self) -> str:
         """Human name used in error messages, e.g. ``local filesystem`` or ``s3``."""
         return self.scheme

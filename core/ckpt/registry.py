@@ -12,6 +12,7 @@ from upath import UPath
 from ckpt import config as config_lib
 from ckpt.backend import Backend
 from ckpt.errors import BackendNotInstalledError, UnknownStrategyError, UnsupportedStrategyError
+from ckpt.paths import to_path
 from ckpt.plugins import manager
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def get_backend(location: Any, *, config: config_lib.Config | None = None) -> Ba
     if backend is None:
         backend = backend_class(options)
         registry.instances[key] = backend
-    return backend
+    return backend.bind(to_path(location))
 
 
 def list_backends() -> dict[str, type[Backend]]:
