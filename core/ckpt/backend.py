@@ -135,10 +135,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def write_bytes(self, path: UPath, data: bytes) -> None:
-        """Write a whole (small) file, replacing it."""
+        """Write a whole (small) file, replacing it; missing parent directories are created.
+
+        Readers never see a partially written file."""
 
     async def create_exclusive(self, path: UPath, data: bytes) -> None:
-        """Create ``path`` only if absent; ``FileExistsError`` if it exists.
+        """Create ``path`` only if absent; ``FileExistsError`` if it exists. Missing parent
+        directories are created.
 
         Backends declaring ``conditional_put`` implement this with a store-side
         precondition, so exactly one of several racing creators succeeds.

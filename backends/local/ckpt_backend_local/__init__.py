@@ -92,7 +92,7 @@ class LocalBackend(Backend):
         # Write beside, fsync, rename over: a reader never sees a half-written file.
         target = _p(path)
         tmp = f"{target}.ckpt-partial-{os.getpid()}-{id(data)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = _open_creating_parents(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             os.write(fd, data)
             os.fsync(fd)
@@ -101,7 +101,7 @@ class LocalBackend(Backend):
         os.replace(tmp, target)
 
     async def create_exclusive(self, path: UPath, data: bytes) -> None:
-        fd = os.open(_p(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = _open_creating_parents(_p(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             os.write(fd, data)
             os.fsync(fd)
@@ -143,6 +143,14 @@ class LocalBackend(Backend):
 
     def kvstore_spec(self, path: UPath) -> dict[str, Any]:
         return {"driver": "file", "path": _p(path).rstrip("/") + "/"}
+
+
+def _open_creating_parents(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, flags, 0o644)
 
 
 def _fsync_dir(path: str) -> None:
