@@ -49,8 +49,9 @@ import jax
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
-from ckpt.backend import Backend
 from upath import UPath
+
+from ckpt.backend import Backend
 
 __all__ = [
     "ARRAYS_DIR",
@@ -76,6 +77,9 @@ FORMAT_VERSION = 1
 
 #: Zarr3 chunks are at most this many bytes (split along the leading axes).
 CHUNK_BYTES = 64 * 1024 * 1024
+#: Concurrent file operations of one :func:`write` or :func:`read` (tensorstore's default,
+#: ``max(4, cores)``, leaves local disks idle on small machines).
+FILE_IO_CONCURRENCY = 16
 
 _SCALAR_KINDS = ("bool", "int", "float", "complex", "str", "none")
 _ARRAY_KINDS = ("array", "numpy_scalar")
@@ -378,7 +382,9 @@ async def write(
     commit (``backend.sync_tree``).
     """
     await backend.mkdir(directory, parents=True, exist_ok=True)
-    context = ts.Context({"file_io_sync": bool(durable)})
+    context = ts.Context(
+        {"file_io_sync": bool(durable), "file_io_concurrency": {"limit": FILE_IO_CONCURRENCY}}
+    )
     await asyncio.gather(*(_write_array(backend, directory, a, context) for a in prepared.arrays))
     data = json.dumps(prepared.metadata(), ensure_ascii=True, allow_nan=False).encode()
     await backend.write_bytes(directory / TREE_FILE, data)
@@ -671,14 +677,23 @@ async def read(backend: Backend, directory: UPath, target: Any = None) -> Any:
     plan: dict[int, Any] = {}
     if target is not None:
         _check_target(doc["structure"], target, leaves, "", plan)
-    context = ts.Context()
+    context = ts.Context({"file_io_concurrency": {"limit": FILE_IO_CONCURRENCY}})
     array_leaves = [i for i, m in enumerate(leaves) if m["kind"] in _ARRAY_KINDS]
-    arrays = await asyncio.gather(
-        *(_read_array(backend, directory, leaves[i], context) for i in array_leaves)
-    )
-    values: dict[int, Any] = {
-        i: _to_output(a, leaves[i], plan.get(i)) for i, a in zip(array_leaves, arrays, strict=True)
-    }
+    x64 = bool(jax.config.jax_enable_x64)  # thread-local under ``jax.enable_x64``
+
+    def place(array: np.ndarray, i: int) -> Any:
+        with jax.enable_x64(x64):
+            return _to_output(array, leaves[i], plan[i])
+
+    async def read_leaf(i: int) -> Any:
+        array = await _read_array(backend, directory, leaves[i], context)
+        if isinstance(plan.get(i), (jax.Array, jax.ShapeDtypeStruct)):
+            # Place on device while the other arrays are still being read.
+            return await asyncio.to_thread(place, array, i)
+        return _to_output(array, leaves[i], plan.get(i))
+
+    outputs = await asyncio.gather(*(read_leaf(i) for i in array_leaves))
+    values: dict[int, Any] = dict(zip(array_leaves, outputs, strict=True))
 
     def build(node: dict[str, Any]) -> Any:
         kind = node["type"]

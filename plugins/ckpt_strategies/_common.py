@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from upath import UPath
+
 from ckpt.backend import Backend
 from ckpt.errors import ValidationError
-from upath import UPath
 
 
 async def reject_symlink(backend: Backend, path: UPath) -> None:

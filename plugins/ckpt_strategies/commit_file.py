@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from upath import UPath
+
 from ckpt import hookimpl
 from ckpt.backend import Backend, Entry
 from ckpt.errors import CommitConflictError, ValidationError
@@ -31,8 +33,6 @@ from ckpt.layout import (
 )
 from ckpt.paths import to_path
 from ckpt.temporary_path import FileOptions, TemporaryPath, committed_writer
-from upath import UPath
-
 from ckpt_strategies._common import backend_for as _backend
 from ckpt_strategies._common import reject_symlink, require_dir
 

@@ -14,10 +14,10 @@ import shutil
 import stat
 from typing import Any
 
-from ckpt import hookimpl
-from ckpt.backend import Backend, Capabilities, Entry
 from upath import UPath
 
+from ckpt import hookimpl
+from ckpt.backend import Backend, Capabilities, Entry
 from ckpt_backend_local._rename import rename_noreplace
 
 __all__ = ["LocalBackend"]
