@@ -177,6 +177,15 @@ class Backend(abc.ABC):
         """Batched existence check (concurrent by default)."""
         return list(await asyncio.gather(*(self.exists(p) for p in paths)))
 
+    async def exists_in_children(
+        self, base: UPath, names: Sequence[str], filename: str
+    ) -> list[bool]:
+        """For each child ``name`` of ``base``: does ``base/name/filename`` exist?
+
+        One batched check used by discovery; backends may override it with something
+        cheaper than building a path per child."""
+        return await self.exists_many([base / n / filename for n in names])
+
     async def tree_size(self, path: UPath) -> int:
         """Total bytes of the files under ``path`` (0 if missing)."""
         total = 0

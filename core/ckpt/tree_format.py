@@ -200,7 +200,7 @@ def _is_cpu(x: jax.Array) -> bool:
     return all(d.platform == "cpu" for d in x.sharding.device_set)
 
 
-def _snapshot_jax(x: jax.Array, keypath: str) -> Any:
+def _snapshot_jax(x: jax.Array, keypath: str, copy: bool) -> Any:
     """Cheap, donation-safe snapshot of a jax array (see :class:`_ArrayItem`)."""
     if x.is_deleted():
         raise ValueError(f"Leaf {_display(keypath)!r}: the jax array has been deleted.")
@@ -216,18 +216,22 @@ def _snapshot_jax(x: jax.Array, keypath: str) -> Any:
         if len(shards) == 1 and shards[0].data.shape == x.shape:
             return np.asarray(shards[0].data)
         return [(s.index, np.asarray(s.data)) for s in shards]
-    copy = x.copy()
-    copy.copy_to_host_async()
-    return copy
+    snapshot = x.copy() if copy else x
+    snapshot.copy_to_host_async()
+    return snapshot
 
 
-def prepare(tree: Any) -> PreparedTree:
+def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
     """Validate, flatten and snapshot ``tree``: the blocking part of an async save.
 
     numpy arrays are copied; jax arrays on CPU are kept as zero-copy host views of their
     (immutable) buffers; jax arrays on other devices are copied on device and their
     transfer to host is started. Afterwards the caller may mutate, donate or delete
     the leaves of ``tree``.
+
+    With ``copy=False`` (for a synchronous save, where the caller waits for
+    :func:`write`) numpy arrays and non-CPU jax arrays are referenced, not copied: they
+    must not be changed, donated or deleted until :func:`write` returns.
 
     Raises:
         TypeError: a dict key is not a string or a leaf has an unsupported type or
@@ -243,9 +247,9 @@ def prepare(tree: Any) -> PreparedTree:
         subpath = f"{ARRAYS_DIR}/{index}"
         chunks = _chunk_shape(shape, dtype.itemsize)
         if isinstance(value, jax.Array):
-            data = _snapshot_jax(value, keypath)
+            data = _snapshot_jax(value, keypath, copy)
         else:
-            data = np.array(value, dtype=dtype, copy=True)
+            data = np.array(value, dtype=dtype, copy=copy or None)
         arrays.append(_ArrayItem(index, subpath, shape, dtype, chunks, data))
         return {
             "keypath": keypath,

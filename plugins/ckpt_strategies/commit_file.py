@@ -146,7 +146,7 @@ class CommitFileTemporaryPath(TemporaryPath):
         ]
         if backend.names_decide_commit:
             return candidates
-        found = await backend.exists_many([base / n / COMMIT_SUCCESS_FILE for n in candidates])
+        found = await backend.exists_in_children(base, candidates, COMMIT_SUCCESS_FILE)
         return [n for n, ok in zip(candidates, found, strict=True) if ok]
 
     @classmethod

@@ -135,6 +135,10 @@ class LocalBackend(Backend):
     async def exists_many(self, paths: Any) -> list[bool]:
         return [os.path.lexists(_p(p)) for p in paths]
 
+    async def exists_in_children(self, base: UPath, names: Any, filename: str) -> list[bool]:
+        root = _p(base)
+        return [os.path.lexists(os.path.join(root, n, filename)) for n in names]
+
     async def file_size(self, path: UPath) -> int:
         return os.lstat(_p(path)).st_size
 
