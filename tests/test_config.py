@@ -76,7 +76,7 @@ def test_unknown_strategy_lists_the_registered_ones(tmp_path: Path) -> None:
 
 def test_malformed_config_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "ckpt.toml").write_text("atomicity = \n")
-    with pytest.raises(ValueError, match="ckpt.toml"):
+    with pytest.raises(ValueError, match=r"ckpt\.toml"):
         ckpt.strategy_for(tmp_path)
     (tmp_path / "ckpt.toml").write_text("atomicity = 3\n")
     with pytest.raises(ValueError, match="atomicity"):

@@ -221,7 +221,9 @@ def test_racing_writers_exactly_one_wins(tmp_path: Path, strategy: str) -> None:
         outcomes: list[Any] = [None] * writers
         barrier = threading.Barrier(writers)
 
-        def commit(i: int, t: Any = None) -> None:
+        def commit(
+            i: int, barrier: Any = barrier, temps: Any = temps, outcomes: Any = outcomes
+        ) -> None:
             barrier.wait()
             try:
                 _sync.run(temps[i].finalize())

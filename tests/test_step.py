@@ -39,7 +39,7 @@ def test_find_all_unpadded(tmp_path: Path) -> None:
 
 
 def test_find_all_padded(tmp_path: Path) -> None:
-    _mkdirs(tmp_path, ALL + ["000", "001", "011"])
+    _mkdirs(tmp_path, [*ALL, "000", "001", "011"])
     found = {m.path.name for m in ckpt.standard_name_format(None, 2).find_all(tmp_path)}
     assert found == {"00", "01", "10", "11", "100", "101", "111"}
 
