@@ -1,0 +1,233 @@
+"""The ``ckpt`` command line: demo, ls, gc, verify, backends."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ckpt import _sync, config, registry
+from ckpt.backend import Backend
+from ckpt.layout import is_writer_dir_name
+from ckpt.paths import to_path
+from ckpt.plugins import manager as plugin_manager
+from ckpt.step_metadata import read_step_metadata
+from ckpt.temporary_path import content_path
+from ckpt.temporary_paths import PathState, all_temporary_paths_async, path_state_async
+
+app = typer.Typer(
+    help="ckpt: atomic checkpoints on any storage.", no_args_is_help=True, add_completion=False
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _when(ns: int | None) -> str:
+    if not ns:
+        return "-"
+    return datetime.datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- ls ---------------------------------------------------------------------------------------
+async def _describe_entries(root: Any, res: registry.Resolution) -> list[dict[str, Any]]:
+    backend: Backend = res.backend
+    entries = [e for e in await backend.list_dir(root) if e.is_dir and not e.is_link]
+
+    async def one(name: str) -> dict[str, Any] | None:
+        path = root / name
+        if is_writer_dir_name(name) and not await _is_temporary_writer(backend, path):
+            return None  # the files of a committed checkpoint: shown under its step
+        state = await path_state_async(path, res.strategy, backend)
+        row: dict[str, Any] = {"name": name, "state": state, "size": None, "commit": None}
+        where = await content_path(backend, path) if state == PathState.FINALIZED else path
+        try:
+            meta = await read_step_metadata(backend, where)
+        except ValueError:
+            meta = None
+        if meta is not None:
+            row["commit"] = meta.commit_timestamp_nsecs
+        row["size"] = await backend.tree_size(where)
+        return row
+
+    rows = await asyncio.gather(*(one(e.name) for e in entries))
+    return [r for r in rows if r is not None]
+
+
+async def _is_temporary_writer(backend: Backend, path: Any) -> bool:
+    from ckpt.temporary_paths import is_temporary_async
+
+    return await is_temporary_async(backend, path)
+
+
+def _step_key(name: str) -> tuple[int, str]:
+    from ckpt.step import step_from_checkpoint_name
+
+    try:
+        return step_from_checkpoint_name(name), name
+    except ValueError:
+        return 1 << 62, name
+
+
+@app.command("ls")
+def ls(
+    directory: Annotated[str, typer.Argument(help="Checkpoint root (path or URL).")],
+    atomicity: Annotated[str | None, typer.Option(help="Strategy to judge commits by.")] = None,
+) -> None:
+    """List checkpoints with their state (finalized/temporary/unknown), size and commit time."""
+    root = to_path(directory)
+    res = registry.resolve(root, atomicity)
+    rows = _sync.run(_describe_entries(root, res))
+    table = Table(title=f"{root}  ({res.backend.describe()}, strategy {res.name})")
+    for col in ("name", "state", "size", "committed"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    colors = {PathState.FINALIZED: "green", PathState.TEMPORARY: "yellow", PathState.UNKNOWN: "red"}
+    for row in sorted(rows, key=lambda r: _step_key(r["name"])):
+        state = row["state"]
+        table.add_row(
+            row["name"],
+            f"[{colors[state]}]{state.value}[/]",
+            _human(row["size"]),
+            _when(row["commit"]) if state == PathState.FINALIZED else "-",
+        )
+    console.print(table)
+    if not rows:
+        console.print("no checkpoints here")
+
+
+# -- gc ---------------------------------------------------------------------------------------
+@app.command("gc")
+def gc(
+    directory: Annotated[str, typer.Argument(help="Checkpoint root (path or URL).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would go.")] = False,
+    older_than: Annotated[
+        float, typer.Option(help="Spare temporaries younger than this many seconds.")
+    ] = 0.0,
+) -> None:
+    """Remove temporary checkpoints (never finalized or unknown directories, never symlinks)."""
+    root = to_path(directory)
+    res = registry.resolve(root)
+    cutoff = time.time_ns() - int(older_than * 1e9) if older_than else None
+    temps = _sync.run(all_temporary_paths_async(root, res.backend, created_before_ns=cutoff))
+    if not temps:
+        console.print(f"no temporary checkpoints under {root}")
+        return
+    for tmp in temps:
+        console.print(f"{'would remove' if dry_run else 'removing'} {tmp.get()}")
+    if not dry_run:
+        _sync.run(asyncio.gather(*(res.backend.remove_tree(t.get()) for t in temps)))
+        console.print(f"removed {len(temps)} temporary checkpoint(s)")
+
+
+# -- verify -----------------------------------------------------------------------------------
+@app.command("verify")
+def verify(
+    path: Annotated[str, typer.Argument(help="A checkpoint (path or URL).")],
+    atomicity: Annotated[str | None, typer.Option(help="Strategy to judge commits by.")] = None,
+) -> None:
+    """Check that a checkpoint is committed and every array in it reads back."""
+    from ckpt import tree_format
+
+    final = to_path(path)
+    res = registry.resolve(final, atomicity)
+    state = _sync.run(path_state_async(final, res.strategy, res.backend))
+    if state != PathState.FINALIZED:
+        err.print(f"[red]{final} is {state.value}, not a committed checkpoint[/]")
+        raise typer.Exit(1)
+    where = _sync.run(content_path(res.backend, final))
+    try:
+        meta = _sync.run(read_step_metadata(res.backend, where))
+        tree_meta = _sync.run(tree_format.tree_metadata(res.backend, where))
+        leaves = tree_meta.get("leaves", [])
+        with console.status(f"reading {len(leaves)} leaves of {final}"):
+            _sync.run(tree_format.read(res.backend, where))
+    except Exception as exc:
+        err.print(f"[red]{final}: {type(exc).__name__}: {exc}[/]")
+        raise typer.Exit(1) from exc
+    console.print(
+        f"[green]OK[/] {final}: committed {_when(meta.commit_timestamp_nsecs if meta else None)},"
+        f" {len(leaves)} leaves, {_human(_sync.run(res.backend.tree_size(where)))}"
+    )
+
+
+# -- backends ---------------------------------------------------------------------------------
+@app.command("backends")
+def backends(
+    path: Annotated[str, typer.Argument(help="Resolve the config key for this path.")] = ".",
+) -> None:
+    """Installed backends, their capabilities and strategies, and what `atomicity` resolves to."""
+    table = Table(title="installed backends")
+    for col in ("scheme", "backend", "package", "capabilities", "strategies", "auto"):
+        table.add_column(col, overflow="fold")
+    by_class: dict[type, list[str]] = {}
+    for scheme, cls in registry.list_backends().items():
+        by_class.setdefault(cls, []).append(scheme)
+    for cls, schemes in by_class.items():
+        caps = getattr(cls, "capabilities", None)
+        works = [
+            name
+            for name, strat in registry.list_strategies().items()
+            if caps is not None and all(caps.has(c) for c in getattr(strat, "requires", ()))
+        ]
+        table.add_row(
+            ", ".join(schemes),
+            cls.__name__,
+            getattr(cls, "package", "") or "-",
+            ", ".join(caps.names()) if caps is not None else "-",
+            ", ".join(works) or "per bucket",
+            getattr(cls, "default_strategy", "-"),
+        )
+    console.print(table)
+    console.print(
+        "strategies: "
+        + ", ".join(
+            f"{n} (needs {', '.join(s.requires) or 'nothing'})"
+            for n, s in registry.list_strategies().items()
+        )
+    )
+    failures = plugin_manager.registry().failures
+    for failure in failures:
+        err.print(f"[red]plugin {failure.name} failed to load: {failure.error}[/]")
+    try:
+        res = registry.resolve(to_path(path))
+        cfg = config.load_config()
+        console.print(
+            f"here: {to_path(path)} -> backend {res.backend.describe()}, atomicity "
+            f"[bold]{res.name}[/] (from {res.source}; config file: {cfg.source or 'none'})"
+        )
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+
+
+# -- demo -------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    directory: Annotated[str, typer.Argument(help="Where to write checkpoints.")] = "ckpt-demo",
+    steps: Annotated[int, typer.Option(help="Training steps (one checkpoint each).")] = 8,
+    max_to_keep: Annotated[int, typer.Option(help="Checkpoints kept.")] = 3,
+) -> None:
+    """Train a tiny JAX model, checkpoint every step with the manager, restore the latest."""
+    from ckpt.demo import run_demo
+
+    run_demo(directory, steps=steps, max_to_keep=max_to_keep, console=console)
