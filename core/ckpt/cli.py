@@ -23,8 +23,21 @@ from ckpt.temporary_paths import PathState, all_temporary_paths_async, path_stat
 app = typer.Typer(
     help="ckpt: atomic checkpoints on any storage.", no_args_is_help=True, add_completion=False
 )
-console = Console()
-err = Console(stderr=True)
+
+
+class _Consoles:
+    """Consoles made on use, so the terminal width is read when a command runs."""
+
+    @property
+    def out(self) -> Console:
+        return Console()
+
+    @property
+    def err(self) -> Console:
+        return Console(stderr=True)
+
+
+_io = _Consoles()
 
 
 def main() -> None:
@@ -110,9 +123,9 @@ def ls(
             _human(row["size"]),
             _when(row["commit"]) if state == PathState.FINALIZED else "-",
         )
-    console.print(table)
+    _io.out.print(table)
     if not rows:
-        console.print("no checkpoints here")
+        _io.out.print("no checkpoints here")
 
 
 # -- gc ---------------------------------------------------------------------------------------
@@ -130,13 +143,17 @@ def gc(
     cutoff = time.time_ns() - int(older_than * 1e9) if older_than else None
     temps = _sync.run(all_temporary_paths_async(root, res.backend, created_before_ns=cutoff))
     if not temps:
-        console.print(f"no temporary checkpoints under {root}")
+        _io.out.print(f"no temporary checkpoints under {root}")
         return
     for tmp in temps:
-        console.print(f"{'would remove' if dry_run else 'removing'} {tmp.get()}")
+        _io.out.print(f"{'would remove' if dry_run else 'removing'} {tmp.get()}")
     if not dry_run:
-        _sync.run(asyncio.gather(*(res.backend.remove_tree(t.get()) for t in temps)))
-        console.print(f"removed {len(temps)} temporary checkpoint(s)")
+
+        async def remove_all() -> None:
+            await asyncio.gather(*(res.backend.remove_tree(t.get()) for t in temps))
+
+        _sync.run(remove_all())
+        _io.out.print(f"removed {len(temps)} temporary checkpoint(s)")
 
 
 # -- verify -----------------------------------------------------------------------------------
@@ -152,19 +169,19 @@ def verify(
     res = registry.resolve(final, atomicity)
     state = _sync.run(path_state_async(final, res.strategy, res.backend))
     if state != PathState.FINALIZED:
-        err.print(f"[red]{final} is {state.value}, not a committed checkpoint[/]")
+        _io.err.print(f"[red]{final} is {state.value}, not a committed checkpoint[/]")
         raise typer.Exit(1)
     where = _sync.run(content_path(res.backend, final))
     try:
         meta = _sync.run(read_step_metadata(res.backend, where))
         tree_meta = _sync.run(tree_format.tree_metadata(res.backend, where))
         leaves = tree_meta.get("leaves", [])
-        with console.status(f"reading {len(leaves)} leaves of {final}"):
+        with _io.out.status(f"reading {len(leaves)} leaves of {final}"):
             _sync.run(tree_format.read(res.backend, where))
     except Exception as exc:
-        err.print(f"[red]{final}: {type(exc).__name__}: {exc}[/]")
+        _io.err.print(f"[red]{final}: {type(exc).__name__}: {exc}[/]")
         raise typer.Exit(1) from exc
-    console.print(
+    _io.out.print(
         f"[green]OK[/] {final}: committed {_when(meta.commit_timestamp_nsecs if meta else None)},"
         f" {len(leaves)} leaves, {_human(_sync.run(res.backend.tree_size(where)))}"
     )
@@ -197,8 +214,8 @@ def backends(
             ", ".join(works) or "per bucket",
             getattr(cls, "default_strategy", "-"),
         )
-    console.print(table)
-    console.print(
+    _io.out.print(table)
+    _io.out.print(
         "strategies: "
         + ", ".join(
             f"{n} (needs {', '.join(s.requires) or 'nothing'})"
@@ -207,16 +224,16 @@ def backends(
     )
     failures = plugin_manager.registry().failures
     for failure in failures:
-        err.print(f"[red]plugin {failure.name} failed to load: {failure.error}[/]")
+        _io.err.print(f"[red]plugin {failure.name} failed to load: {failure.error}[/]")
     try:
         res = registry.resolve(to_path(path))
         cfg = config.load_config()
-        console.print(
+        _io.out.print(
             f"here: {to_path(path)} -> backend {res.backend.describe()}, atomicity "
             f"[bold]{res.name}[/] (from {res.source}; config file: {cfg.source or 'none'})"
         )
     except ValueError as exc:
-        err.print(f"[red]{exc}[/]")
+        _io.err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
 
 
@@ -230,4 +247,4 @@ def demo(
     """Train a tiny JAX model, checkpoint every step with the manager, restore the latest."""
     from ckpt.demo import run_demo
 
-    run_demo(directory, steps=steps, max_to_keep=max_to_keep, console=console)
+    run_demo(directory, steps=steps, max_to_keep=max_to_keep, console=_io.out)
