@@ -225,7 +225,8 @@ class BackendConformance:
             fmt.find_step(root, 99)
         path = ckpt.find_step_path(root, fmt, step=11, include_uncommitted=True)
         assert ckpt.is_path_temporary(path)
-        assert ckpt.latest_step_metadata(root, fmt).step == 10
+        latest = ckpt.latest_step_metadata(root, fmt)
+        assert latest is not None and latest.step == 10
         plain = ckpt.standard_name_format(atomicity=strategy)
         assert [m.step for m in plain.find_all(root)] == [4]
         composite = ckpt.composite_name_format(fmt, [fmt, plain])
