@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         return run([str(BIN / "ckpt"), "demo", *argv[1:]])
     for check in (
         [str(BIN / "ruff"), "check", "."],
-        [str(BIN / "mypy"), "core", "plugins", "backends/local"],
+        [str(BIN / "mypy"), "core", "plugins", "backends/local", "conformance_tests"],
     ):
         print(f"dev.py: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(check))}",
               flush=True)
