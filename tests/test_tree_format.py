@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from upath import UPath
+
 from ckpt import tree_format as tf
 from ckpt_backend_local import LocalBackend
-from upath import UPath
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def test_roundtrip_every_dtype(backend: Any, ckdir: UPath, dtype: Any) -> None:
 
 
 def test_nested_structures(backend: Any, ckdir: UPath) -> None:
-    tree = {
+    tree: dict[str, Any] = {
         "params": {"dense": {"kernel": np.ones((3, 4), np.float32), "bias": np.zeros(4)}},
         "layers": [
             {"w": np.arange(6).reshape(2, 3)},
@@ -133,7 +134,8 @@ def test_nested_structures(backend: Any, ckdir: UPath) -> None:
 
 
 def test_leaf_and_empty_roots(backend: Any, tmp_path: Path) -> None:
-    for i, tree in enumerate([np.arange(3), 7, None, "s", [], {}, ()]):
+    trees: list[Any] = [np.arange(3), 7, None, "s", [], {}, ()]
+    for i, tree in enumerate(trees):
         out = roundtrip(backend, UPath(tmp_path / str(i)), tree)
         if isinstance(tree, np.ndarray):
             assert_same_array(out, tree)
@@ -172,9 +174,9 @@ def test_scalars_strings_none(backend: Any, ckdir: UPath) -> None:
     assert math.isnan(out["nan"]) and out["inf"] == math.inf and out["ninf"] == -math.inf
     assert math.isnan(out["complex_nan"].real) and out["complex_nan"].imag == math.inf
     # The JSON is strict (no NaN/Infinity tokens) and no array files were written.
-    text = (Path(ckdir) / tf.TREE_FILE).read_text()
+    text = (Path(str(ckdir)) / tf.TREE_FILE).read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
-    assert not (Path(ckdir) / tf.ARRAYS_DIR).exists()
+    assert not (Path(str(ckdir)) / tf.ARRAYS_DIR).exists()
 
 
 def test_zero_d_and_empty_arrays(backend: Any, ckdir: UPath) -> None:
@@ -206,10 +208,10 @@ def test_odd_keys_are_safe(backend: Any, tmp_path: Path) -> None:
         assert_same_array(out[k][k], np.full((2,), i, np.int32))
     # Nothing escaped the checkpoint directory; arrays live under arrays/<index>.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-    assert sorted(p.name for p in Path(ckdir).iterdir()) == sorted([tf.ARRAYS_DIR, tf.TREE_FILE])
-    assert sorted(int(p.name) for p in (Path(ckdir) / tf.ARRAYS_DIR).iterdir()) == list(
-        range(len(keys))
-    )
+    root = Path(str(ckdir))
+    assert sorted(p.name for p in root.iterdir()) == sorted([tf.ARRAYS_DIR, tf.TREE_FILE])
+    indices = sorted(int(p.name) for p in (root / tf.ARRAYS_DIR).iterdir())
+    assert indices == list(range(len(keys)))
 
 
 def test_non_string_key_refused(backend: Any, ckdir: UPath) -> None:
@@ -240,7 +242,7 @@ def test_jax_restore_with_targets(backend: Any, ckdir: UPath) -> None:
     save(backend, ckdir, tree)
     device = jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
-    target = {
+    target: dict[str, Any] = {
         "w": jnp.zeros((3, 4), jnp.float32),
         "b": jax.ShapeDtypeStruct((4,), jnp.bfloat16, sharding=sharding),
         "c": jax.ShapeDtypeStruct((3,), jnp.int32),
@@ -266,7 +268,7 @@ def test_target_mismatch_errors_name_the_leaf(backend: Any, ckdir: UPath) -> Non
         "step": 3,
     }
     save(backend, ckdir, tree)
-    good = {
+    good: dict[str, Any] = {
         "params": {
             "dense": {
                 "kernel": jax.ShapeDtypeStruct((2, 3), jnp.float32),
@@ -350,7 +352,7 @@ def test_metadata_and_nbytes(backend: Any, ckdir: UPath) -> None:
     assert w["source"] == "numpy" and j["source"] == "jax" and j["dtype"] == "bfloat16"
     assert w["path"] == "arrays/0" and w["nbytes"] == 128
     assert n == {"keypath": "n", "kind": "str", "value": "x"}
-    zarr = json.loads((Path(ckdir) / "arrays/0/zarr.json").read_text())
+    zarr = json.loads((Path(str(ckdir)) / "arrays/0/zarr.json").read_text())
     assert zarr["zarr_format"] == 3
     assert [c["name"] for c in zarr["codecs"]] == ["bytes"]  # uncompressed
 
@@ -368,7 +370,7 @@ def test_multichunk_arrays(backend: Any, ckdir: UPath, monkeypatch: pytest.Monke
     meta = asyncio.run(tf.tree_metadata(backend, ckdir))
     chunks = {leaf["keypath"]: leaf["chunks"] for leaf in meta["leaves"]}
     assert chunks == {"rows": [35, 7], "wide": [1, 500], "cube": [1, 2, 30]}
-    assert len(list((Path(ckdir) / "arrays/0/c").iterdir())) == 3
+    assert len(list((Path(str(ckdir)) / "arrays/0/c").iterdir())) == 3
 
 
 def test_second_write_to_same_directory_refused(backend: Any, ckdir: UPath) -> None:
@@ -424,11 +426,11 @@ def test_second_write_to_same_directory_refused(backend: Any, ckdir: UPath) -> N
 )
 def test_malformed_json(backend: Any, ckdir: UPath, content: bytes, match: str) -> None:
     save(backend, ckdir, {"a": np.zeros(1)})
-    (Path(ckdir) / tf.TREE_FILE).write_bytes(content)
+    (Path(str(ckdir)) / tf.TREE_FILE).write_bytes(content)
     for call in (tf.tree_metadata(backend, ckdir), tf.read(backend, ckdir)):
         with pytest.raises(ValueError, match=match) as info:
             asyncio.run(call)
-        assert str(Path(ckdir) / tf.TREE_FILE) in str(info.value)
+        assert str(Path(str(ckdir)) / tf.TREE_FILE) in str(info.value)
 
 
 def test_missing_tree_file(backend: Any, ckdir: UPath) -> None:
@@ -438,7 +440,7 @@ def test_missing_tree_file(backend: Any, ckdir: UPath) -> None:
 
 def test_array_disagreeing_with_metadata(backend: Any, ckdir: UPath) -> None:
     save(backend, ckdir, {"a": np.zeros((2, 2), np.float32)})
-    path = Path(ckdir) / tf.TREE_FILE
+    path = Path(str(ckdir)) / tf.TREE_FILE
     doc = json.loads(path.read_text())
     doc["leaves"][0]["shape"] = [4]
     path.write_text(json.dumps(doc))
@@ -484,3 +486,52 @@ def test_sharded_cpu_arrays(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+def test_prepare_without_copy_references_numpy_arrays(backend: Any, ckdir: UPath) -> None:
+    x = np.arange(4, dtype=np.int64)
+    prepared = tf.prepare({"x": x}, copy=False)
+    x[0] = 42  # visible: the caller promised not to do this before write() returns
+    asyncio.run(tf.write(backend, ckdir, prepared))
+    assert load(backend, ckdir)["x"].tolist() == [42, 1, 2, 3]
+
+
+def test_jax_restore_outlives_host_buffers(backend: Any, ckdir: UPath) -> None:
+    """On CPU the restored jax array may alias the host buffer read; it must stay valid."""
+    import gc
+
+    expected = sample(np.float32, (64, 33))
+    save(backend, ckdir, {"w": expected, "e": np.zeros((0, 3), np.float32)})
+    target = {
+        "w": jax.ShapeDtypeStruct(expected.shape, expected.dtype),
+        "e": jax.ShapeDtypeStruct((0, 3), jnp.float32),
+    }
+    out = load(backend, ckdir, target)
+    gc.collect()
+    junk = [np.full(1 << 16, 7.0) for _ in range(16)]
+    assert_same_array(out["w"], expected)
+    assert_same_array(jnp.array(out["w"], copy=True), expected)
+    assert out["e"].shape == (0, 3)
+    del junk
+
+
+def test_accelerator_path_copies_on_device(
+    backend: Any, ckdir: UPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The non-CPU path (device copy + async host transfer), exercised on CPU."""
+    monkeypatch.setattr(tf, "_is_cpu", lambda x: False)
+    a = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+    prepared = tf.prepare({"a": a, "b": jnp.ones(3, jnp.bfloat16)})
+    assert isinstance(prepared.arrays[0].data, jax.Array)
+    assert prepared.arrays[0].data is not a
+    a.delete()  # the caller donates the original right after save returns
+    asyncio.run(tf.write(backend, ckdir, prepared))
+    out = load(backend, ckdir)
+    assert_same_array(out["a"], np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert_same_array(out["b"], np.ones(3, ml_dtypes.bfloat16))
+
+
+def test_non_native_byte_order(backend: Any, ckdir: UPath) -> None:
+    x = np.arange(5, dtype=">i4")
+    out = roundtrip(backend, ckdir, {"x": x})
+    assert out["x"].dtype == np.dtype("int32") and out["x"].tolist() == list(range(5))

@@ -81,6 +81,7 @@ CHUNK_BYTES = 64 * 1024 * 1024
 #: ``max(4, cores)``, leaves local disks idle on small machines).
 FILE_IO_CONCURRENCY = 16
 
+_ALIGN = 64  # bytes; what XLA's CPU client needs to alias a host buffer
 _SCALAR_KINDS = ("bool", "int", "float", "complex", "str", "none")
 _ARRAY_KINDS = ("array", "numpy_scalar")
 _ROOT = "<root>"
@@ -188,6 +189,8 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 
 def _check_dtype(dtype: Any, keypath: str) -> np.dtype:
     dt = np.dtype(dtype)
+    if dt.byteorder not in "=|":
+        dt = dt.newbyteorder("=")  # big-endian input is stored (and restored) native
     if dt.name not in _DTYPES or _DTYPES[dt.name] != dt:
         raise TypeError(
             f"Leaf {_display(keypath)!r}: unsupported array dtype {dt!s}; supported: "
@@ -197,7 +200,8 @@ def _check_dtype(dtype: Any, keypath: str) -> np.dtype:
 
 
 def _is_cpu(x: jax.Array) -> bool:
-    return all(d.platform == "cpu" for d in x.sharding.device_set)
+    devices: set[Any] = x.sharding.device_set
+    return all(d.platform == "cpu" for d in devices)
 
 
 def _snapshot_jax(x: jax.Array, keypath: str, copy: bool) -> Any:
@@ -645,18 +649,49 @@ async def _read_array(
             f"{store.dtype.numpy_dtype}{tuple(store.shape)}, metadata says "
             f"{meta['dtype']}{tuple(meta['shape'])}."
         )
-    return np.asarray(await store.read())
+    out = _aligned_empty(tuple(meta["shape"]), dtype)
+    if out.size:
+        await ts.array(out, copy=False, write=True).write(store)
+    return out
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized array aligned to :data:`_ALIGN` bytes (so jax CPU can alias it)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGN
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _to_jax(array: np.ndarray, sharding: Any) -> jax.Array:
+    """``array`` as a jax array placed by ``sharding`` (None: the default device).
+
+    On a single CPU device the (aligned, never otherwise exposed) host buffer is aliased
+    through DLPack instead of copied; elsewhere it is copied with ``jax.device_put``.
+    """
+    if sharding is None:
+        device = jax.devices()[0]
+    elif isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        device = next(iter(sharding.device_set))
+    else:
+        device = None
+    if device is not None and device.platform == "cpu" and array.size:
+        try:
+            return jax.dlpack.from_dlpack(array, device=device, copy=None)
+        except (TypeError, ValueError, RuntimeError, BufferError):  # e.g. bfloat16
+            pass
+    return jax.device_put(array, sharding)
 
 
 def _to_output(array: np.ndarray, meta: dict[str, Any], target: Any) -> Any:
     if isinstance(target, jax.ShapeDtypeStruct):
-        return jax.device_put(array, target.sharding)
+        return _to_jax(array, target.sharding)
     if isinstance(target, jax.Array):
         try:
             sharding = target.sharding
         except Exception:  # a deleted array may not report its sharding
             sharding = None
-        return jax.device_put(array, sharding)
+        return _to_jax(array, sharding)
     if meta["kind"] == "numpy_scalar" and (target is None or isinstance(target, np.generic)):
         return array[()]
     return array
@@ -683,7 +718,7 @@ async def read(backend: Backend, directory: UPath, target: Any = None) -> Any:
         _check_target(doc["structure"], target, leaves, "", plan)
     context = ts.Context({"file_io_concurrency": {"limit": FILE_IO_CONCURRENCY}})
     array_leaves = [i for i, m in enumerate(leaves) if m["kind"] in _ARRAY_KINDS]
-    x64 = bool(jax.config.jax_enable_x64)  # thread-local under ``jax.enable_x64``
+    x64 = bool(jax.config.read("jax_enable_x64"))  # thread-local under ``jax.enable_x64``
 
     def place(array: np.ndarray, i: int) -> Any:
         with jax.enable_x64(x64):
