@@ -23,7 +23,15 @@ def loop() -> Any:
 def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` on the I/O loop and return its result (callable from any thread)."""
 
-    async def _wrapped() -> T:
-        return await coro
+    async def _wrapped() -> tuple[bool, Any]:
+        # fsspec.asyn.sync replaces a TimeoutError raised by the coroutine with a bare
+        # FSTimeoutError: carry exceptions out as values so their messages survive.
+        try:
+            return True, await coro
+        except Exception as exc:
+            return False, exc
 
-    return fsspec.asyn.sync(loop(), _wrapped, timeout=timeout)
+    ok, value = fsspec.asyn.sync(loop(), _wrapped, timeout=timeout)
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value

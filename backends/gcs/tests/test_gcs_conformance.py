@@ -1,0 +1,40 @@
+"""ckpt's shared backend conformance suite on a flat and on an HNS bucket.
+
+The backend is reached through ckpt's registry (``ckpt.get_backend``), configured by the
+``[backends.gs]`` table that the ``ckpt_config`` fixture writes; out-of-band checks use
+plain gcsfs against fake-gcs-server.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from ckpt_conformance import BackendConformance
+
+
+class _GCSConformance(BackendConformance):
+    bucket = ""
+
+    @pytest.fixture
+    def ckpt_root(self, ckpt_config: str) -> str:
+        return f"gs://{self.bucket}/conformance-{uuid.uuid4().hex[:12]}"
+
+    @pytest.fixture
+    def ckpt_storage_options(self, fake_gcs: Any) -> dict[str, Any]:
+        return {
+            "endpoint_url": fake_gcs.url,
+            "token": "anon",
+            "project": "test",
+            "use_listings_cache": False,
+        }
+
+
+class TestFlatBucketConformance(_GCSConformance):
+    bucket = "ckpt-flat"
+
+
+class TestHNSBucketConformance(_GCSConformance):
+    bucket = "ckpt-hns"
