@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     for check in (
         [str(BIN / "ruff"), "check", "."],
         [str(BIN / "mypy"), "core", "plugins", "backends/local", "conformance_tests",
-         "backends/gcs/ckpt_backend_gcs"],
+         "backends/gcs/ckpt_backend_gcs", "backends/s3/ckpt_backend_s3"],
     ):
         print(f"dev.py: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(check))}",
               flush=True)
