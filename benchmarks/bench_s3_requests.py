@@ -281,10 +281,12 @@ def main(argv: list[str] | None = None) -> None:
             direct.put_object(
                 Bucket=bucket,
                 Key=f"{base}/{step}/commit_success.txt",
-                Body=marker + f"\nckpt-writer: {writer}\n".encode(),
+                Body=marker + f"\nckpt-writer: .ckpt-writers/{writer}\n".encode(),
             )
             direct.put_object(
-                Bucket=bucket, Key=f"{base}/{writer}/_CHECKPOINT_METADATA", Body=b"{}"
+                Bucket=bucket,
+                Key=f"{base}/.ckpt-writers/{writer}/_CHECKPOINT_METADATA",
+                Body=b"{}",
             )
 
         with ThreadPoolExecutor(16) as pool:
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         show(
             f"find_all over {n} steps",
             counter.take(),
-            f"{2 * n} names listed: each step is <step>/ + its writer dir",
+            f"{n + 1} names listed: the steps + the one .ckpt-writers/ prefix",
         )
         assert len(ckpt.checkpoint_steps(steps_root)) == n
         show(f"checkpoint_steps over {n} steps", counter.take())

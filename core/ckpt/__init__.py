@@ -101,3 +101,33 @@ __all__ = [
     "step_from_checkpoint_name",
     "strategy_for",
 ]
+
+# The checkpointing layer imports jax: load it on first use so that `import ckpt` (and the
+# CLI) stay light.
+_LAZY_ATTRS = {
+    "Checkpointer": "ckpt.checkpointer",
+    "AsyncCheckpointer": "ckpt.async_checkpointer",
+    "CheckpointManager": "ckpt.manager",
+    "partial": "ckpt.partial",
+}
+__all__ += ["AsyncCheckpointer", "CheckpointManager", "Checkpointer", "partial"]
+
+import typing as _typing  # noqa: E402
+
+if _typing.TYPE_CHECKING:
+    from ckpt import partial
+    from ckpt.async_checkpointer import AsyncCheckpointer
+    from ckpt.checkpointer import Checkpointer
+    from ckpt.manager import CheckpointManager
+
+
+def __getattr__(name: str) -> object:
+    module_name = _LAZY_ATTRS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(module_name)
+    value = module if name == "partial" else getattr(module, name)
+    globals()[name] = value
+    return value

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ckpt import _sync, config, registry
 from ckpt.backend import Backend
-from ckpt.layout import is_writer_dir_name
+from ckpt.layout import WRITERS_DIR
 from ckpt.paths import to_path
 from ckpt.plugins import manager as plugin_manager
 from ckpt.step_metadata import read_step_metadata
@@ -65,14 +65,20 @@ def _when(ns: int | None) -> str:
 # -- ls ---------------------------------------------------------------------------------------
 async def _describe_entries(root: Any, res: registry.Resolution) -> list[dict[str, Any]]:
     backend: Backend = res.backend
-    entries = [e for e in await backend.list_dir(root) if e.is_dir and not e.is_link]
+    entries = [
+        e
+        for e in await backend.list_dir(root)
+        if e.is_dir and not e.is_link and e.name != WRITERS_DIR
+    ]
+    writers = [
+        t.get()
+        for t in await all_temporary_paths_async(root, backend)
+        if t.get().parent.name == WRITERS_DIR
+    ]
 
-    async def one(name: str) -> dict[str, Any] | None:
-        path = root / name
-        if is_writer_dir_name(name) and not await _is_temporary_writer(backend, path):
-            return None  # the files of a committed checkpoint: shown under its step
+    async def one(path: Any, label: str) -> dict[str, Any]:
         state = await path_state_async(path, res.strategy, backend)
-        row: dict[str, Any] = {"name": name, "state": state, "size": None, "commit": None}
+        row: dict[str, Any] = {"name": label, "state": state, "size": None, "commit": None}
         where = await content_path(backend, path) if state == PathState.FINALIZED else path
         try:
             meta = await read_step_metadata(backend, where)
@@ -83,21 +89,19 @@ async def _describe_entries(root: Any, res: registry.Resolution) -> list[dict[st
         row["size"] = await backend.tree_size(where)
         return row
 
-    rows = await asyncio.gather(*(one(e.name) for e in entries))
-    return [r for r in rows if r is not None]
-
-
-async def _is_temporary_writer(backend: Backend, path: Any) -> bool:
-    from ckpt.temporary_paths import is_temporary_async
-
-    return await is_temporary_async(backend, path)
+    return list(
+        await asyncio.gather(
+            *(one(root / e.name, e.name) for e in entries),
+            *(one(w, f"{WRITERS_DIR}/{w.name}") for w in writers),
+        )
+    )
 
 
 def _step_key(name: str) -> tuple[int, str]:
     from ckpt.step import step_from_checkpoint_name
 
     try:
-        return step_from_checkpoint_name(name), name
+        return step_from_checkpoint_name(name.rpartition("/")[2]), name
     except ValueError:
         return 1 << 62, name
 

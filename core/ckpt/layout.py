@@ -13,6 +13,7 @@ __all__ = [
     "COMMIT_SUCCESS_FILE",
     "METADATA_FILE",
     "TMP_DIR_SUFFIX",
+    "WRITERS_DIR",
     "WRITER_DIR_INFIX",
 ]
 
@@ -22,9 +23,12 @@ TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_SUCCESS_FILE = "commit_success.txt"
 #: Step metadata JSON file (Orbax's name).
 METADATA_FILE = "_CHECKPOINT_METADATA"
-#: Infix of the writer-unique sibling directory holding one writer's files under
-#: ``commit_file``: ``<final name>.ckpt-writer-<token>``.
+#: Infix of the writer-unique directory holding one writer's files under ``commit_file``:
+#: ``<root>/.ckpt-writers/<final name>.ckpt-writer-<token>``.
 WRITER_DIR_INFIX = ".ckpt-writer-"
+#: The one directory under a checkpoint root that holds ``commit_file`` writer directories
+#: (one entry in the root's listing however many checkpoints there are).
+WRITERS_DIR = ".ckpt-writers"
 
 _COMMIT_TEXT = "Checkpoint commit was successful to {final}"
 _WRITER_LINE = "ckpt-writer: "
@@ -54,7 +58,7 @@ def final_name_of(temporary_name: str) -> str:
 
 
 def writer_dir_name(final_name: str, token: str | None = None) -> str:
-    """The writer-unique sibling directory of ``final_name`` used by ``commit_file``."""
+    """The name of a writer-unique directory for ``final_name`` (inside :data:`WRITERS_DIR`)."""
     return f"{final_name}{WRITER_DIR_INFIX}{token or unique_token()}"
 
 
@@ -74,20 +78,24 @@ def commit_marker_text(final: str, writer_dir: str | None = None) -> str:
     """Text of ``commit_success.txt``; names the winning writer directory if there is one."""
     text = _COMMIT_TEXT.format(final=final)
     if writer_dir:
-        text += f"\n{_WRITER_LINE}{writer_dir}\n"
+        text += f"\n{_WRITER_LINE}{WRITERS_DIR}/{writer_dir}\n"
     return text
 
 
 def writer_dir_from_marker(text: str, final_name: str) -> str | None:
-    """The writer directory named by the commit marker of ``final_name``, or None (Orbax's
-    marker names none). Refuses names that are not writer directories of ``final_name``."""
+    """The name of the writer directory the commit marker of ``final_name`` names, or None
+    (Orbax's marker names none). Refuses anything but a writer directory of ``final_name``
+    inside :data:`WRITERS_DIR`."""
     for line in text.splitlines():
         if line.startswith(_WRITER_LINE):
-            name = line[len(_WRITER_LINE) :].strip()
+            relative = line[len(_WRITER_LINE) :].strip()
+            head, _, name = relative.partition("/")
             if (
-                name.startswith(final_name + WRITER_DIR_INFIX)
+                head == WRITERS_DIR
+                and name.startswith(final_name + WRITER_DIR_INFIX)
                 and "/" not in name
                 and "\\" not in name
+                and ".." not in name
             ):
                 return name
             raise ValueError(f"Malformed commit marker of {final_name!r}: writer {name!r}.")

@@ -17,7 +17,13 @@ from typing import Any, ClassVar, Self
 from upath import UPath
 
 from ckpt.backend import Backend, Entry
-from ckpt.layout import COMMIT_SUCCESS_FILE, is_temporary_name, writer_dir_from_marker
+from ckpt.layout import (
+    COMMIT_SUCCESS_FILE,
+    WRITERS_DIR,
+    is_temporary_name,
+    temporary_name,
+    writer_dir_from_marker,
+)
 from ckpt.paths import to_path
 from ckpt.step_metadata import StepMetadata, write_step_metadata
 
@@ -64,6 +70,9 @@ class TemporaryPath(abc.ABC):
         self.file_options = file_options or FileOptions()
         #: Step metadata kept in memory; written at create and updated at finalize.
         self.metadata = StepMetadata()
+        #: Set by a forced save: a committed checkpoint at the final path is deleted just
+        #: before the commit, so ``create`` must not refuse it.
+        self.replace_existing = False
         self._created = False
 
     # -- construction (no I/O) ----------------------------------------------------------
@@ -164,20 +173,34 @@ async def committed_writer(backend: Backend, final: UPath) -> str | None:
 
 async def content_path(backend: Backend, final: UPath) -> UPath:
     """Where a committed checkpoint's files are: the final path itself, or the writer
-    directory (a sibling, under ``commit_file``) that its commit marker names."""
+    directory (under ``<root>/.ckpt-writers``, with ``commit_file``) its marker names."""
     writer = await committed_writer(backend, final)
-    return final.parent / writer if writer else final
+    return final.parent / WRITERS_DIR / writer if writer else final
 
 
 async def delete_checkpoint(backend: Backend, final: UPath) -> None:
-    """Delete a checkpoint safely: uncommit first (marker), then its files.
+    """Delete a checkpoint safely: uncommit it first, then remove its files.
 
-    A crash half way leaves at most a temporary (uncommitted) writer directory, which
-    cleanup removes; never something that looks committed but is not."""
+    A crash half way leaves at most a temporary (uncommitted) directory, which cleanup
+    removes; never something that looks committed but is not."""
     writer = await committed_writer(backend, final)
     if writer:
         await backend.remove_file(final / COMMIT_SUCCESS_FILE)
-        await backend.remove_tree(final.parent / writer)
+        await backend.remove_tree(final.parent / WRITERS_DIR / writer)
+        await backend.remove_tree(final)
+        return
+    if (
+        backend.capabilities.atomic_dir_rename
+        and not await backend.is_link(final)
+        and await backend.is_dir(final)
+    ):
+        # Under rename the name is the commit evidence: rename it to a temporary name first.
+        doomed = final.parent / temporary_name(final.name)
+        await backend.rename_dir(final, doomed)
+        await backend.sync_dir(final.parent)
+        await backend.remove_tree(doomed)
+        return
+    await backend.remove_file(final / COMMIT_SUCCESS_FILE)  # Orbax commit-file layout
     await backend.remove_tree(final)
 
 

@@ -18,7 +18,7 @@ from upath import UPath
 
 from ckpt import _sync
 from ckpt.backend import Backend
-from ckpt.layout import final_name_of_writer, is_temporary_name, is_writer_dir_name
+from ckpt.layout import WRITERS_DIR, final_name_of_writer, is_temporary_name, is_writer_dir_name
 from ckpt.paths import to_path
 from ckpt.registry import get_strategy, resolve
 from ckpt.temporary_path import TemporaryPath, committed_writer
@@ -56,8 +56,8 @@ async def is_temporary_async(backend: Backend, path: UPath) -> bool:
         return False
     if is_temporary_name(path.name):
         return True
-    if is_writer_dir_name(path.name):
-        final = path.parent / final_name_of_writer(path.name)
+    if is_writer_dir_name(path.name) and path.parent.name == WRITERS_DIR:
+        final = path.parent.parent / final_name_of_writer(path.name)
         return await committed_writer(backend, final) != path.name
     return False
 
@@ -75,8 +75,9 @@ async def path_state_async(
 async def all_temporary_paths_async(
     root: UPath, backend: Backend, *, created_before_ns: int | None = None
 ) -> list[TemporaryPath]:
-    """Every temporary checkpoint directly under ``root``: one listing, plus one marker read
-    per final name that has writer directories (concurrently).
+    """Every temporary checkpoint under ``root``: one listing of ``root`` and one of its
+    writers directory, plus one marker read per final name that has writer directories
+    (concurrently).
 
     With ``created_before_ns``, temporaries whose ckpt name records a later creation time
     (writers that started after that moment, possibly still live) are left out."""
@@ -85,17 +86,30 @@ async def all_temporary_paths_async(
     commit_cls = get_strategy("commit_file")
     found: list[TemporaryPath] = []
     writers: dict[str, list[str]] = {}
+
+    def too_new(name: str) -> bool:
+        if created_before_ns is None:
+            return False
+        created = created_ns(name)
+        return created is not None and created >= created_before_ns
+
+    has_writers_dir = False
     for entry in entries:
         if entry.is_link or not entry.is_dir:
             continue
-        if created_before_ns is not None:
-            created = created_ns(entry.name)
-            if created is not None and created >= created_before_ns:
-                continue
-        if is_temporary_name(entry.name):
+        if entry.name == WRITERS_DIR:
+            has_writers_dir = True
+        elif is_temporary_name(entry.name) and not too_new(entry.name):
             found.append(rename_cls.from_temporary(root / entry.name, backend=backend))
-        elif is_writer_dir_name(entry.name):
-            writers.setdefault(final_name_of_writer(entry.name), []).append(entry.name)
+    if has_writers_dir:
+        for entry in await backend.list_dir(root / WRITERS_DIR):
+            if (
+                entry.is_dir
+                and not entry.is_link
+                and is_writer_dir_name(entry.name)
+                and not too_new(entry.name)
+            ):
+                writers.setdefault(final_name_of_writer(entry.name), []).append(entry.name)
     if writers:
         present = {e.name for e in entries if e.is_dir}
         finals = sorted(writers)
@@ -115,7 +129,9 @@ async def all_temporary_paths_async(
                 continue
             for name in writers[final]:
                 if name != won:
-                    found.append(commit_cls.from_temporary(root / name, backend=backend))
+                    found.append(
+                        commit_cls.from_temporary(root / WRITERS_DIR / name, backend=backend)
+                    )
     return found
 
 

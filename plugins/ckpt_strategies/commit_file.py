@@ -1,5 +1,5 @@
-"""``commit_file``: each writer writes into its own sibling directory
-``<final>.ckpt-writer-<id>``; the commit is a create-if-absent of
+"""``commit_file``: each writer writes into its own directory
+``<root>/.ckpt-writers/<final>.ckpt-writer-<id>``; the commit is a create-if-absent of
 ``<final>/commit_success.txt`` whose text names the winning writer directory.
 
 With a conditional put, two writers committing one step cannot both win: the loser gets
@@ -16,6 +16,7 @@ writer directories ckpt creates, and names with the temporary suffix, are.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from upath import UPath
@@ -25,6 +26,7 @@ from ckpt.backend import Backend, Entry
 from ckpt.errors import CommitConflictError, ValidationError
 from ckpt.layout import (
     COMMIT_SUCCESS_FILE,
+    WRITERS_DIR,
     commit_marker_text,
     final_name_of_writer,
     is_temporary_name,
@@ -54,9 +56,13 @@ class CommitFileTemporaryPath(TemporaryPath):
         file_options: FileOptions | None = None,
     ) -> CommitFileTemporaryPath:
         final = to_path(final_path)
-        if is_temporary_name(final.name) or is_writer_dir_name(final.name):
+        if (
+            is_temporary_name(final.name)
+            or is_writer_dir_name(final.name)
+            or (final.name == WRITERS_DIR)
+        ):
             raise ValueError(f"Not a valid final checkpoint name: {final}")
-        tmp = final.parent / writer_dir_name(final.name)
+        tmp = final.parent / WRITERS_DIR / writer_dir_name(final.name)
         return cls(tmp, final, backend=backend, file_options=file_options)
 
     @classmethod
@@ -69,18 +75,20 @@ class CommitFileTemporaryPath(TemporaryPath):
     ) -> CommitFileTemporaryPath:
         tmp = to_path(temporary_path)
         # An Orbax-style commit-file temporary is the final directory itself.
-        final = tmp.parent / final_name_of_writer(tmp.name) if is_writer_dir_name(tmp.name) else tmp
+        final = _final_of(tmp) if is_writer_dir_name(tmp.name) else tmp
         return cls(tmp, final, backend=backend, file_options=file_options)
 
     async def create(self) -> UPath:
         tmp, final = self.get(), self.get_final()
-        if await self.backend.exists(final / COMMIT_SUCCESS_FILE):
+        if not self.replace_existing and await self.backend.exists(final / COMMIT_SUCCESS_FILE):
             raise CommitConflictError(f"Cannot save to {final}: it is already committed.")
         mode = self.file_options.path_permission_mode
         await self.backend.mkdir(tmp.parent, parents=True, exist_ok=True)
         await self.backend.mkdir(tmp, parents=False, exist_ok=False, mode=mode)
         self._created = True
-        await self._write_initial_metadata()
+        # The writer directory is invisible until the commit, so the step metadata is
+        # written once, at finalize (one request fewer per save on object stores).
+        self.metadata.init_timestamp_nsecs = time.time_ns()
         return tmp
 
     async def finalize(self) -> None:
@@ -109,7 +117,7 @@ class CommitFileTemporaryPath(TemporaryPath):
         backend = _backend(tmp, backend)
         await reject_symlink(backend, tmp)
         if is_writer_dir_name(tmp.name):
-            final = tmp.parent / final_name_of_writer(tmp.name)
+            final = _final_of(tmp)
             if await committed_writer(backend, final) == tmp.name:
                 raise ValidationError(
                     f"Expected {cls.__name__} ({tmp}) not to be committed, but the "
@@ -143,6 +151,7 @@ class CommitFileTemporaryPath(TemporaryPath):
             and not e.is_link
             and not is_temporary_name(e.name)
             and not is_writer_dir_name(e.name)
+            and e.name != WRITERS_DIR
         ]
         if backend.names_decide_commit:
             return candidates
@@ -151,11 +160,20 @@ class CommitFileTemporaryPath(TemporaryPath):
 
     @classmethod
     async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
-        if is_temporary_name(path.name) or is_writer_dir_name(path.name):
+        if (
+            is_temporary_name(path.name)
+            or is_writer_dir_name(path.name)
+            or path.name == WRITERS_DIR
+        ):
             return False
         if await backend.is_link(path):
             return False
         return await backend.exists(path / COMMIT_SUCCESS_FILE)
+
+
+def _final_of(writer_dir: UPath) -> UPath:
+    """``<root>/.ckpt-writers/<name>.ckpt-writer-<id>`` -> ``<root>/<name>``."""
+    return writer_dir.parent.parent / final_name_of_writer(writer_dir.name)
 
 
 @hookimpl

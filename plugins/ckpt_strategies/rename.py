@@ -18,6 +18,7 @@ from ckpt.backend import Backend, Entry
 from ckpt.errors import CommitConflictError, ValidationError
 from ckpt.layout import (
     COMMIT_SUCCESS_FILE,
+    WRITERS_DIR,
     commit_marker_text,
     final_name_of,
     is_temporary_name,
@@ -130,7 +131,11 @@ class AtomicRenameTemporaryPath(TemporaryPath):
 
     @classmethod
     async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
-        if is_temporary_name(path.name) or is_writer_dir_name(path.name):
+        if (
+            is_temporary_name(path.name)
+            or is_writer_dir_name(path.name)
+            or path.name == WRITERS_DIR
+        ):
             return False
         return not await backend.is_link(path) and await backend.is_dir(path)
 

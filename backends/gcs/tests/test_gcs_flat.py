@@ -13,6 +13,7 @@ from upath import UPath
 
 import ckpt
 from ckpt import COMMIT_SUCCESS_FILE, METADATA_FILE
+from ckpt.layout import WRITERS_DIR
 from ckpt.temporary_path import committed_writer, content_path
 from ckpt_backend_gcs import GCSBucketBackend, split_path
 
@@ -131,7 +132,9 @@ def test_racing_committers(flat: GCSBucketBackend, flat_root: UPath, run) -> Non
     assert all(isinstance(r, ckpt.CommitConflictError) for r in results if r is not None)
     assert run(committed_writer(flat, final)) == winners[0].get().name
     names = {e.name for e in run(flat.list_dir(flat_root))}
-    assert names == {"step_3", winners[0].get().name}
+    assert names == {"step_3", WRITERS_DIR}
+    writers_left = {e.name for e in run(flat.list_dir(flat_root / WRITERS_DIR))}
+    assert writers_left == {winners[0].get().name}
 
 
 def test_create_refuses_a_committed_step(flat: GCSBucketBackend, flat_root: UPath, run) -> None:

@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import stat
+import uuid
 from typing import Any
 
 from upath import UPath
@@ -89,24 +90,10 @@ class LocalBackend(Backend):
             return f.read()
 
     async def write_bytes(self, path: UPath, data: bytes) -> None:
-        # Write beside, fsync, rename over: a reader never sees a half-written file.
-        target = _p(path)
-        tmp = f"{target}.ckpt-partial-{os.getpid()}-{id(data)}"
-        fd = _open_creating_parents(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+        await asyncio.to_thread(_write_replace, _p(path), data)
 
     async def create_exclusive(self, path: UPath, data: bytes) -> None:
-        fd = _open_creating_parents(_p(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        await asyncio.to_thread(_write_exclusive, _p(path), data)
 
     async def remove_file(self, path: UPath) -> None:
         try:
@@ -130,7 +117,7 @@ class LocalBackend(Backend):
         await asyncio.to_thread(_fsync_tree, _p(path))
 
     async def sync_dir(self, path: UPath) -> None:
-        _fsync_dir(_p(path))
+        await asyncio.to_thread(_fsync_dir, _p(path))
 
     async def exists_many(self, paths: Any) -> list[bool]:
         return [os.path.lexists(_p(p)) for p in paths]
@@ -147,6 +134,35 @@ class LocalBackend(Backend):
 
     def kvstore_spec(self, path: UPath) -> dict[str, Any]:
         return {"driver": "file", "path": _p(path).rstrip("/") + "/"}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def _write_replace(target: str, data: bytes) -> None:
+    """Write beside, fsync, rename over: a reader never sees a half-written file."""
+    tmp = f"{target}.ckpt-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fd = _open_creating_parents(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, target)
+
+
+def _write_exclusive(target: str, data: bytes) -> None:
+    fd = _open_creating_parents(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _open_creating_parents(path: str, flags: int) -> int:

@@ -2,8 +2,8 @@
 
 S3 has no directories and no rename, but it has a conditional put (``If-None-Match: *``):
 of several writers creating one object, exactly one succeeds. So checkpoints are committed
-with the ``commit_file`` strategy: each writer writes into its own sibling prefix
-``<step>.ckpt-writer-<token>/`` and commits by conditionally creating
+with the ``commit_file`` strategy: each writer writes into its own prefix
+``.ckpt-writers/<step>.ckpt-writer-<token>/`` and commits by conditionally creating
 ``<step>/commit_success.txt``. Nothing is ever written under ``<step>/`` before that marker,
 so a step name in a listing is itself the commit evidence (``names_decide_commit``):
 discovery is one paginated LIST, with no request per step.

@@ -17,7 +17,7 @@ import pytest
 
 import ckpt
 from ckpt import _sync
-from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE, WRITER_DIR_INFIX
+from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE, WRITER_DIR_INFIX, WRITERS_DIR
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,9 +43,10 @@ def test_create_and_finalize(s3_root: str, s3_server: Any) -> None:
     tmp = commit_file().from_final(f"{s3_root}/7")
     assert tmp.get().name.startswith("7" + WRITER_DIR_INFIX)
     _sync.run(tmp.create())
-    # Nothing under the final name before the commit; the writer dir holds the metadata.
-    assert s3_server.children(key + "/") == {tmp.get().name}
     _sync.run(tmp.backend.write_bytes(tmp.get() / "data.bin", b"payload"))
+    # Nothing under the final name before the commit; the writer dir holds the files.
+    assert s3_server.children(key + "/") == {WRITERS_DIR}
+    assert s3_server.children(f"{key}/{WRITERS_DIR}/") == {tmp.get().name}
     assert list(ckpt.standard_name_format().find_all(s3_root)) == []
     assert ckpt.path_state(tmp.get()) == ckpt.PathState.TEMPORARY
     assert not ckpt.is_path_finalized(f"{s3_root}/7")
@@ -54,8 +55,8 @@ def test_create_and_finalize(s3_root: str, s3_server: Any) -> None:
     assert sorted(s3_server.keys(key)) == sorted(
         [
             f"{key}/7/{COMMIT_SUCCESS_FILE}",
-            f"{key}/{tmp.get().name}/{METADATA_FILE}",
-            f"{key}/{tmp.get().name}/data.bin",
+            f"{key}/{WRITERS_DIR}/{tmp.get().name}/{METADATA_FILE}",
+            f"{key}/{WRITERS_DIR}/{tmp.get().name}/data.bin",
         ]
     )
     assert ckpt.is_path_finalized(f"{s3_root}/7")
@@ -134,7 +135,7 @@ def test_cleanup_temporaries(s3_root: str, s3_server: Any) -> None:
     abandoned = save(f"{s3_root}/2", {"a": b"2"}, finalize=False)
     orphan = save(f"{s3_root}/3", {"a": b"3"}, finalize=False)
     # An interrupted large upload inside the abandoned writer dir.
-    upload_key = f"{key}/{abandoned.get().name}/arrays/0/c/0"
+    upload_key = f"{key}/{WRITERS_DIR}/{abandoned.get().name}/arrays/0/c/0"
     upload = client.create_multipart_upload(Bucket=bucket, Key=upload_key)
     client.upload_part(
         Bucket=bucket, Key=upload_key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 64
@@ -147,8 +148,8 @@ def test_cleanup_temporaries(s3_root: str, s3_server: Any) -> None:
     assert temps == {str(abandoned.get()), str(orphan.get())}
     removed = {str(p) for p in ckpt.cleanup_temporary_paths(s3_root)}
     assert removed == temps
-    names = s3_server.children(key + "/")
-    assert names == {"1", committed.get().name, "notes"}
+    assert s3_server.children(key + "/") == {"1", WRITERS_DIR, "notes"}
+    assert s3_server.children(f"{key}/{WRITERS_DIR}/") == {committed.get().name}
     uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=key + "/").get("Uploads", [])
     assert uploads == []
     assert ckpt.checkpoint_steps(s3_root) == [1]
@@ -161,6 +162,7 @@ def test_delete_checkpoint_leaves_nothing(s3_root: str, s3_server: Any) -> None:
     _sync.run(ckpt.delete_checkpoint(tmp.backend, tmp.get_final()))
     assert ckpt.checkpoint_steps(s3_root) == [5]
     assert not any(n.startswith("4") for n in s3_server.children(key + "/"))
+    assert not any(n.startswith("4") for n in s3_server.children(f"{key}/{WRITERS_DIR}/"))
     assert not any("/4" in k for k in s3_server.keys(key))
 
 
@@ -182,7 +184,9 @@ def _check_round(s3_root: str, s3_server: Any, step: int, results: dict[int, Any
     assert _sync.run(backend.read_bytes(content / "data.bin")) == f"writer {winner}".encode()
     assert _sync.run(backend.read_bytes(content / "sub" / "more.bin")) == bytes([winner]) * 100
     key = s3_server.key_of(s3_root)
-    writer_dirs = {n for n in s3_server.children(key + "/") if n.startswith(f"{step}.")}
+    writer_dirs = {
+        n for n in s3_server.children(f"{key}/{WRITERS_DIR}/") if n.startswith(f"{step}.")
+    }
     assert writer_dirs == {content.name}, f"step {step}: loser writer dirs left: {writer_dirs}"
 
 

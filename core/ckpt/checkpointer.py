@@ -1,0 +1,380 @@
+"""``Checkpointer``: save and restore one pytree at a path, atomically, on any backend.
+
+A save snapshots the tree (:func:`ckpt.tree_format.prepare`), asks the configured strategy
+for a writer-unique temporary path, writes the tree there and commits it. Readers never
+see a half-written checkpoint: until the commit, the data lives under a name that every
+discovery function (ckpt's and Orbax's) skips.
+
+``force=True`` replaces an existing checkpoint. Unlike Orbax, which deletes the old
+checkpoint before writing the new one, ckpt writes the new checkpoint completely first and
+deletes the old one only immediately before the commit. A failure while writing (the long
+part: storage errors, a full disk, a crash) leaves the old checkpoint intact; only a
+process death in the short window between that deletion and the commit loses both (the
+new data then sits in a temporary directory that cleanup removes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+from upath import UPath
+
+from ckpt import _timing, tree_format
+from ckpt._sync import run as run_sync
+from ckpt.backend import Backend
+from ckpt.errors import CommitConflictError
+from ckpt.paths import to_path
+from ckpt.registry import Resolution, resolve
+from ckpt.step_metadata import StepMetadata, read_step_metadata
+from ckpt.temporary_path import FileOptions, TemporaryPath, content_path, delete_checkpoint
+from ckpt.temporary_paths import PathState, path_state_async
+
+__all__ = ["ITEM_HANDLERS", "Checkpointer"]
+
+logger = logging.getLogger("ckpt")
+
+#: The ``item_handlers`` value ckpt writes into ``_CHECKPOINT_METADATA``: it names the
+#: format of the saved item (a ckpt tree, see :mod:`ckpt.tree_format`). A dict, as
+#: Orbax's CheckpointManager expects (``{item name: handler}``), so that its
+#: ``metadata(step)`` reads ckpt's steps.
+ITEM_HANDLERS: dict[str, str] = {"ckpt": "ckpt.tree_format"}
+
+#: Upper bound for removing this writer's own temporary data after a failure.
+_DISCARD_TIMEOUT_SECS = 60.0
+
+
+def check_custom_metadata(custom_metadata: Any) -> dict[str, Any]:
+    """``custom_metadata`` as a dict; ValueError unless it is a JSON-serializable dict."""
+    if custom_metadata is None:
+        return {}
+    if not isinstance(custom_metadata, dict):
+        raise ValueError(
+            f"custom_metadata must be a dict, got {type(custom_metadata).__qualname__}."
+        )
+    try:
+        json.dumps(custom_metadata)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"custom_metadata must be JSON-serializable: {exc}") from exc
+    return dict(custom_metadata)
+
+
+@dataclasses.dataclass
+class SaveRequest:
+    """One save, from the blocking part to the commit (internal)."""
+
+    final: UPath
+    resolution: Resolution
+    tmp: TemporaryPath
+    prepared: tree_format.PreparedTree
+    force: bool
+    #: ``time.perf_counter()`` when ``save`` was called.
+    start: float
+    #: The phase in progress: ``blocking``, ``directory_creation``, ``write``, ``commit``,
+    #: ``committed``.
+    phase: str = "blocking"
+    #: True once ``force`` has deleted the checkpoint that was at ``final``.
+    replaced_old: bool = False
+
+    @property
+    def backend(self) -> Backend:
+        return self.resolution.backend
+
+
+async def _discard_after_failure(request: SaveRequest, exc: BaseException) -> None:
+    """Remove this writer's own temporary data, unless it is (or may be) committed."""
+    tmp, final, backend = request.tmp, request.final, request.backend
+    if request.phase == "directory_creation" and isinstance(exc, FileExistsError):
+        return  # create() refused: the temporary path was not made by this writer.
+    if request.phase in ("commit", "committed"):
+        try:
+            if await content_path(backend, final) == tmp.get():
+                logger.warning(
+                    "Save of %s failed after its commit (%r); the checkpoint is committed.",
+                    final,
+                    exc,
+                )
+                return
+        except Exception as check_exc:
+            logger.warning(
+                "Could not tell whether %s was committed (%r); leaving %s for cleanup.",
+                final,
+                check_exc,
+                tmp.get(),
+            )
+            return
+    if request.replaced_old and not isinstance(exc, CommitConflictError):
+        # The old checkpoint is gone and this data is the only complete copy: keep it.
+        exc.add_note(
+            f"force=True had already deleted the previous checkpoint at {final}; the new, "
+            f"complete but uncommitted data was kept at {tmp.get()} (temporary: the next "
+            "cleanup removes it)."
+        )
+        return
+    try:
+        await asyncio.wait_for(tmp.discard(), _DISCARD_TIMEOUT_SECS)
+    except Exception as discard_exc:
+        logger.warning(
+            "Could not remove temporary checkpoint %s after a failed save (%r); "
+            "cleanup_temporary_paths will remove it.",
+            tmp.get(),
+            discard_exc,
+        )
+
+
+async def write_and_commit(request: SaveRequest) -> None:
+    """Create the temporary path, write the tree, (with ``force``) delete the old
+    checkpoint, commit. On failure, discard this writer's temporary data and re-raise."""
+    tmp, final, backend = request.tmp, request.final, request.backend
+    try:
+        request.phase = "directory_creation"
+        with _timing.timed("directory_creation", path=final):
+            await tmp.create()
+        request.phase = "write"
+        with _timing.timed("write", path=final):
+            await tree_format.write(backend, tmp.get(), request.prepared)
+        request.phase = "commit"
+        with _timing.timed("commit", path=final):
+            if request.force and await backend.exists(final):
+                logger.info("force=True: deleting the existing checkpoint %s", final)
+                request.replaced_old = True
+                await delete_checkpoint(backend, final)
+            await tmp.finalize()
+        request.phase = "committed"
+    except BaseException as exc:  # includes cancellation by a timeout
+        await _discard_after_failure(request, exc)
+        raise
+    _timing.record_duration(
+        "total", time.perf_counter() - request.start, path=final, level=logging.INFO
+    )
+
+
+async def occupied(resolution: Resolution, final: UPath) -> PathState | None:
+    """The state of whatever is at ``final``, or None if nothing is in the way of a save.
+
+    An empty directory with no commit evidence does not count: ``commit_file`` creates the
+    final directory just before its marker, so a crash or a failed commit in between
+    leaves one behind."""
+    backend = resolution.backend
+    if not await backend.exists(final):
+        return None
+    state = await path_state_async(final, resolution.strategy, backend)
+    if state is PathState.UNKNOWN and not await backend.list_dir(final):
+        return None
+    return state
+
+
+async def check_destination(resolution: Resolution, final: UPath, *, force: bool) -> None:
+    """ValueError if something is at ``final`` (see :func:`occupied`) and ``force`` is not
+    set."""
+    state = await occupied(resolution, final)
+    if state is None:
+        return
+    if not force:
+        raise ValueError(
+            f"Destination {final} already exists ({state} checkpoint). Pass force=True "
+            "to replace it, or delete it first."
+        )
+    logger.info("force=True: %s exists and will be replaced once the new save is written.", final)
+
+
+async def restore_async(resolution: Resolution, final: UPath, target: Any = None) -> Any:
+    """Read the committed checkpoint at ``final`` (see :meth:`Checkpointer.restore`)."""
+    content = await committed_content(resolution, final)
+    try:
+        return await tree_format.read(resolution.backend, content, target)
+    except FileNotFoundError as exc:
+        if not await resolution.backend.exists(content / tree_format.TREE_FILE):
+            raise ValueError(
+                f"Checkpoint {final} is committed but holds no ckpt tree "
+                f"({tree_format.TREE_FILE} is missing in {content}); it was probably "
+                "written by another tool (e.g. Orbax)."
+            ) from exc
+        raise
+
+
+async def committed_content(resolution: Resolution, final: UPath) -> UPath:
+    """Where the files of the committed checkpoint ``final`` are; FileNotFoundError if it is
+    missing, ValueError if it is not committed."""
+    backend = resolution.backend
+    if not await backend.exists(final):
+        raise FileNotFoundError(f"Checkpoint at {final} not found.")
+    state = await path_state_async(final, resolution.strategy, backend)
+    if state is not PathState.FINALIZED:
+        why = (
+            "it is a temporary checkpoint (a save in progress or interrupted)"
+            if state is PathState.TEMPORARY
+            else "it has no commit evidence (a symlink, a directory written by another "
+            "tool, or a save interrupted before its commit)"
+        )
+        raise ValueError(
+            f"Found incomplete checkpoint at {final}: its state is '{state}' under the "
+            f"'{resolution.name}' strategy; {why}."
+        )
+    return await content_path(backend, final)
+
+
+class Checkpointer:
+    """Saves and restores pytrees synchronously, atomically.
+
+    Args:
+        atomicity: the strategy name (``rename``, ``commit_file``, ...) or ``auto``;
+            None follows the configuration (see :mod:`ckpt.config`).
+        file_options: options for created directories (e.g. permissions).
+        backend: a backend instance to use instead of the one registered for each path's
+            scheme (e.g. a wrapper that instruments storage calls).
+
+    Example::
+
+        with ckpt.Checkpointer() as ckptr:
+            ckptr.save("/ckpts/100", {"params": params, "step": 100})
+            state = ckptr.restore("/ckpts/100")
+    """
+
+    def __init__(
+        self,
+        atomicity: str | None = None,
+        *,
+        file_options: FileOptions | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        self._atomicity = atomicity
+        self._file_options = file_options or FileOptions()
+        self._backend = backend
+        self._closed = False
+
+    # -- helpers -------------------------------------------------------------------------
+    def _resolve(self, path: Any) -> tuple[UPath, Resolution]:
+        final = to_path(path)
+        return final, resolve(final, self._atomicity, backend=self._backend)
+
+    def _prepare(
+        self, path: Any, tree: Any, *, force: bool, custom_metadata: dict[str, Any] | None
+    ) -> SaveRequest:
+        """The blocking part of a save: validation and the snapshot of ``tree``."""
+        start = time.perf_counter()
+        if self._closed:
+            raise ValueError(f"{type(self).__name__} is closed.")
+        final, resolution = self._resolve(path)
+        custom = check_custom_metadata(custom_metadata)
+        run_sync(check_destination(resolution, final, force=force))
+        prepared = tree_format.prepare(tree)
+        tmp = resolution.strategy.from_final(
+            final, backend=resolution.backend, file_options=self._file_options
+        )
+        # Strategies that refuse to write beside a committed final path may honour this.
+        tmp.replace_existing = force
+        tmp.metadata.custom_metadata = custom
+        tmp.metadata.item_handlers = dict(ITEM_HANDLERS)
+        blocking = time.perf_counter() - start
+        # Orbax reads performance_metrics as its SaveStepStatistics: only its keys.
+        tmp.metadata.performance_metrics = {
+            "checkpointer_blocking_start_time": time.time() - blocking,
+            "checkpointer_blocking_duration_secs": blocking,
+        }
+        _timing.record_duration("blocking", blocking, path=final)
+        return SaveRequest(final, resolution, tmp, prepared, force, start)
+
+    # -- public API ----------------------------------------------------------------------
+    def save(
+        self,
+        path: Any,
+        tree: Any,
+        *,
+        force: bool = False,
+        custom_metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Save ``tree`` to ``path`` and commit it; returns once it is committed.
+
+        Args:
+            path: the final checkpoint path (local path or URL).
+            tree: nested dicts/lists/tuples of jax/numpy arrays and scalars.
+            force: replace an existing checkpoint at ``path`` (see the module docstring
+                for the order of operations).
+            custom_metadata: a JSON-serializable dict stored in ``_CHECKPOINT_METADATA``.
+
+        Raises:
+            ValueError: ``path`` exists and ``force`` is not set, or ``custom_metadata``
+                is not a JSON-serializable dict.
+            TypeError: ``tree`` holds an unsupported leaf (the message names it).
+            ckpt.CommitConflictError: another writer committed ``path`` first.
+        """
+        self._save(path, tree, force=force, custom_metadata=custom_metadata)
+
+    def _save(
+        self,
+        path: Any,
+        tree: Any,
+        *,
+        force: bool = False,
+        custom_metadata: dict[str, Any] | None = None,
+        on_commit: Callable[[], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """:meth:`save`, plus hooks (for the manager): ``on_commit()`` after the commit,
+        ``on_failure(exc)`` when the save fails (before ``exc`` is raised)."""
+        try:
+            request = self._prepare(path, tree, force=force, custom_metadata=custom_metadata)
+            run_sync(write_and_commit(request))
+        except BaseException as exc:
+            if on_failure is not None:
+                on_failure(exc)
+            raise
+        if on_commit is not None:
+            on_commit()
+
+    def restore(self, path: Any, target: Any = None) -> Any:
+        """Read the committed checkpoint at ``path``.
+
+        Args:
+            path: the final checkpoint path.
+            target: optional tree like the saved one; jax leaves (arrays or
+                ``jax.ShapeDtypeStruct``) make the matching leaves come back as jax arrays
+                with their sharding, and every leaf is checked against the checkpoint.
+
+        Raises:
+            FileNotFoundError: nothing exists at ``path``.
+            ValueError: ``path`` is not a committed checkpoint (temporary or unknown), or
+                does not match ``target``.
+        """
+        start = time.perf_counter()
+        final, resolution = self._resolve(path)
+        logger.info("Restoring checkpoint from %s", final)
+        result = run_sync(restore_async(resolution, final, target))
+        _timing.record_duration(
+            "total", time.perf_counter() - start, path=final, prefix=_timing.READ_PREFIX
+        )
+        return result
+
+    def metadata(self, path: Any) -> StepMetadata:
+        """The step metadata (``_CHECKPOINT_METADATA``) of the committed checkpoint at
+        ``path``; empty if it has none. Same errors as :meth:`restore`."""
+        final, resolution = self._resolve(path)
+
+        async def read() -> StepMetadata:
+            content = await committed_content(resolution, final)
+            found = await read_step_metadata(resolution.backend, content)
+            return found if found is not None else StepMetadata()
+
+        return run_sync(read())
+
+    def close(self) -> None:
+        """Release resources; later saves raise ValueError."""
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
