@@ -329,7 +329,7 @@ class BackendConformance:
                 ckpt.standard_name_format(prefix)
         with pytest.raises(ValueError):
             ckpt.get_save_directory(1, root, name="../escape")
-        assert not raw.exists(_join(root, "..", "escape"))
+        assert not raw.exists(_join(root.rstrip("/").rsplit("/", 1)[0], "escape"))
 
     def test_read_only_temporary_path_is_json(self, strategy: str, root: str) -> None:
         tmp = ckpt.get_strategy(strategy).from_final(_join(root, "1"))
