@@ -117,6 +117,10 @@ async def all_temporary_paths_async(
         async def winner(final: str) -> str | None:
             if final not in present:
                 return None
+            if backend.names_decide_commit and len(writers[final]) == 1:
+                # A final name is listed only once its marker exists, and a delete removes
+                # the marker before the writer directory: a sole writer is the winner.
+                return writers[final][0]
             try:
                 return await committed_writer(backend, root / final)
             except ValueError:  # malformed marker: keep everything, it is not ours to judge

@@ -31,6 +31,11 @@ Leaf kinds: ``array`` (numpy or jax array), ``numpy_scalar`` (a numpy scalar suc
 ``str`` and ``none`` (inline). Non-finite floats are stored as the strings ``"nan"``,
 ``"inf"`` and ``"-inf"``; complex numbers as ``[real, imag]``.
 
+Array chunks are plain (unsharded) zarr3 chunks of at most :data:`CHUNK_BYTES`, stored
+uncompressed: on a local disk each chunk file holds exactly the chunk's bytes, and
+:func:`read` reads such files with ``os.preadv`` straight into the output arrays (no
+intermediate buffer); everything else (other stores, other layouts) is read with tensorstore.
+
 Saving is split in two so it can run asynchronously: :func:`prepare` is the short
 blocking part (validate, flatten and snapshot the tree), :func:`write` the I/O part.
 """
@@ -41,8 +46,11 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import re
+import sys
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -80,6 +88,9 @@ CHUNK_BYTES = 64 * 1024 * 1024
 #: Concurrent file operations of one :func:`write` or :func:`read` (tensorstore's default,
 #: ``max(4, cores)``, leaves local disks idle on small machines).
 FILE_IO_CONCURRENCY = 16
+#: Read plain local chunk files with ``os.preadv`` into the output arrays (see
+#: :func:`_read_direct`); False: always read through tensorstore.
+DIRECT_LOCAL_READS = hasattr(os, "preadv") and sys.byteorder == "little"
 
 _ALIGN = 64  # bytes; what XLA's CPU client needs to alias a host buffer
 _SCALAR_KINDS = ("bool", "int", "float", "complex", "str", "none")
@@ -361,7 +372,9 @@ async def _write_array(
         delete_existing=False,
         dtype=ts.dtype(item.dtype),
         shape=list(item.shape),
-        chunk_layout=ts.ChunkLayout(write_chunk_shape=list(item.chunks)),
+        # Plain chunks: with only a write chunk shape, tensorstore stores large arrays as
+        # shards of 4 MB inner chunks (an index per file, no direct reads).
+        chunk_layout=ts.ChunkLayout(chunk_shape=list(item.chunks)),
         context=context,
     )
     if 0 in item.shape:
@@ -383,7 +396,7 @@ async def write(
 ) -> None:
     """Write ``prepared`` under ``directory``: all arrays concurrently, then :data:`TREE_FILE`.
 
-    Arrays are zarr3 arrays (uncompressed, chunks of up to :data:`CHUNK_BYTES`) written
+    Arrays are zarr3 arrays (uncompressed, plain chunks of up to :data:`CHUNK_BYTES`) written
     through ``backend.kvstore_spec``; with ``durable`` tensorstore fsyncs what it writes
     on local files. Existing arrays are never replaced (write to a fresh directory).
     Making the JSON file and the directory entries durable is the job of the caller's
@@ -632,11 +645,20 @@ def _scalar_value(meta: dict[str, Any]) -> Any:
 
 
 async def _read_array(
-    backend: Backend, directory: UPath, meta: dict[str, Any], context: ts.Context
+    backend: Backend,
+    directory: UPath,
+    meta: dict[str, Any],
+    context: ts.Context,
+    pool: ThreadPoolExecutor | None,
 ) -> np.ndarray:
     where = _display(meta["keypath"])
-    spec = _array_spec(backend, directory, meta["path"])
     dtype = _DTYPES[meta["dtype"]]
+    out = _aligned_empty(tuple(meta["shape"]), dtype)
+    spec = _array_spec(backend, directory, meta["path"])
+    if pool is not None and out.size:
+        root = _local_root(spec)
+        if root is not None and await _read_direct(root, meta, out, pool):
+            return out
     try:
         store = await ts.open(spec, open=True, context=context)
     except ValueError as e:
@@ -649,10 +671,160 @@ async def _read_array(
             f"{store.dtype.numpy_dtype}{tuple(store.shape)}, metadata says "
             f"{meta['dtype']}{tuple(meta['shape'])}."
         )
-    out = _aligned_empty(tuple(meta["shape"]), dtype)
     if out.size:
         await ts.array(out, copy=False, write=True).write(store)
     return out
+
+
+# -- direct reads of local chunk files ----------------------------------------------------
+
+
+class _NotPlain(Exception):
+    """The direct read does not apply to these files: read them with tensorstore."""
+
+
+_ZARR_KEYS = frozenset(
+    {
+        "zarr_format",
+        "node_type",
+        "shape",
+        "data_type",
+        "chunk_grid",
+        "chunk_key_encoding",
+        "fill_value",
+        "codecs",
+        "attributes",
+        "dimension_names",
+    }
+)
+_DEFAULT_KEY_ENCODINGS = (
+    {"name": "default"},
+    {"name": "default", "configuration": {"separator": "/"}},
+)
+
+
+def _local_root(spec: dict[str, Any]) -> str | None:
+    """The local directory of a zarr3 spec on the ``file`` kvstore, else None."""
+    kvstore = spec.get("kvstore")
+    if (
+        isinstance(kvstore, dict)
+        and set(kvstore) == {"driver", "path"}
+        and kvstore["driver"] == "file"
+        and isinstance(kvstore["path"], str)
+    ):
+        return kvstore["path"]
+    return None
+
+
+def _is_positive_zero(value: Any) -> bool:
+    """A JSON number equal to +0 (the bytes of a missing chunk are zeros)."""
+    if isinstance(value, bool):
+        return value is False
+    return isinstance(value, (int, float)) and value == 0 and math.copysign(1.0, value) > 0
+
+
+def _plain_rows(root: str, meta: dict[str, Any]) -> int | None:
+    """Rows (along axis 0) per chunk of the zarr3 array in the local directory ``root``
+    if it is stored as :func:`write` stores it (same dtype and shape as ``meta``,
+    little-endian ``bytes`` codec only, regular chunks split along axis 0 only, default
+    chunk keys, a zero fill value); None otherwise (the caller uses tensorstore)."""
+    try:
+        with open(os.path.join(root, "zarr.json"), "rb") as f:
+            doc = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not set(doc) <= _ZARR_KEYS:
+        return None
+    shape: list[int] = meta["shape"]
+    dtype = _DTYPES[meta["dtype"]]
+    codecs = doc.get("codecs")
+    little = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    grid = doc.get("chunk_grid")
+    chunks = None
+    if isinstance(grid, dict) and grid.get("name") == "regular":
+        config = grid.get("configuration")
+        chunks = config.get("chunk_shape") if isinstance(config, dict) else None
+    fill = doc.get("fill_value")
+    fill_ok = (
+        all(_is_positive_zero(v) for v in fill) and len(fill) == 2
+        if isinstance(fill, list) and dtype.kind == "c"
+        else _is_positive_zero(fill)
+    )
+    if not (
+        doc.get("zarr_format") == 3
+        and doc.get("node_type") == "array"
+        and doc.get("shape") == shape
+        and doc.get("data_type") == dtype.name
+        and doc.get("chunk_key_encoding") in _DEFAULT_KEY_ENCODINGS
+        and (codecs == little or (dtype.itemsize == 1 and codecs == [{"name": "bytes"}]))
+        and fill_ok
+        and isinstance(chunks, list)
+        and len(chunks) == len(shape)
+        and all(type(c) is int and c > 0 for c in chunks)
+        and chunks[1:] == shape[1:]
+    ):
+        return None
+    return chunks[0] if shape else 1
+
+
+def _read_file_into(path: str, buffer: np.ndarray, file_size: int) -> None:
+    """Fill the uint8 array ``buffer`` from the start of ``path``, which must hold exactly
+    ``file_size`` bytes (else :class:`_NotPlain`). A missing file is a chunk equal to the
+    fill value (zero), which tensorstore does not store: ``buffer`` is zeroed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        buffer.fill(0)
+        return
+    try:
+        if os.fstat(fd).st_size != file_size:
+            raise _NotPlain(path)
+        view = buffer.data  # a 1-d uint8 array: a flat byte view
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], done)
+            if n <= 0:
+                raise _NotPlain(path)  # the file shrank under us
+            done += n
+    finally:
+        os.close(fd)
+
+
+async def _read_direct(
+    root: str, meta: dict[str, Any], out: np.ndarray, pool: ThreadPoolExecutor
+) -> bool:
+    """Read the array in the local directory ``root`` into ``out`` with ``os.preadv``, one
+    chunk file per task on ``pool``: the kernel copies from the page cache straight into
+    ``out``, without tensorstore's intermediate per-chunk buffers (a copy and a freshly
+    page-faulted allocation as large as the array). False if the array is not stored as
+    :func:`write` stores it (then ``out`` is to be filled by tensorstore)."""
+    loop = asyncio.get_running_loop()
+    rows = await loop.run_in_executor(pool, _plain_rows, root, meta)
+    if rows is None:
+        return False
+    shape: list[int] = meta["shape"]
+    flat = out.reshape(-1).view(np.uint8)
+    row_bytes = math.prod(shape[1:]) * out.dtype.itemsize
+    tasks = []
+    if not shape:
+        tasks.append(
+            loop.run_in_executor(pool, _read_file_into, os.path.join(root, "c"), flat, flat.size)
+        )
+    else:
+        tail = ["0"] * (len(shape) - 1)
+        for i, start in enumerate(range(0, shape[0], rows)):
+            stop = min(start + rows, shape[0])
+            path = os.path.join(root, "c", str(i), *tail)
+            part = flat[start * row_bytes : stop * row_bytes]
+            tasks.append(loop.run_in_executor(pool, _read_file_into, path, part, rows * row_bytes))
+    # Wait for every task (none may still write into ``out`` when tensorstore takes over).
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if any(isinstance(e, _NotPlain) for e in errors):
+        return False
+    if errors:
+        raise errors[0]
+    return True
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -718,6 +890,13 @@ async def read(backend: Backend, directory: UPath, target: Any = None) -> Any:
         _check_target(doc["structure"], target, leaves, "", plan)
     context = ts.Context({"file_io_concurrency": {"limit": FILE_IO_CONCURRENCY}})
     array_leaves = [i for i, m in enumerate(leaves) if m["kind"] in _ARRAY_KINDS]
+    pool = None
+    if (
+        DIRECT_LOCAL_READS
+        and array_leaves
+        and _local_root(_array_spec(backend, directory, ARRAYS_DIR))
+    ):
+        pool = ThreadPoolExecutor(FILE_IO_CONCURRENCY, thread_name_prefix="ckpt-read")
     x64 = bool(jax.config.read("jax_enable_x64"))  # thread-local under ``jax.enable_x64``
 
     def place(array: np.ndarray, i: int) -> Any:
@@ -725,13 +904,17 @@ async def read(backend: Backend, directory: UPath, target: Any = None) -> Any:
             return _to_output(array, leaves[i], plan[i])
 
     async def read_leaf(i: int) -> Any:
-        array = await _read_array(backend, directory, leaves[i], context)
+        array = await _read_array(backend, directory, leaves[i], context, pool)
         if isinstance(plan.get(i), (jax.Array, jax.ShapeDtypeStruct)):
             # Place on device while the other arrays are still being read.
             return await asyncio.to_thread(place, array, i)
         return _to_output(array, leaves[i], plan.get(i))
 
-    outputs = await asyncio.gather(*(read_leaf(i) for i in array_leaves))
+    try:
+        outputs = await asyncio.gather(*(read_leaf(i) for i in array_leaves))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     values: dict[int, Any] = dict(zip(array_leaves, outputs, strict=True))
 
     def build(node: dict[str, Any]) -> Any:

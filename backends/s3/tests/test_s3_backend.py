@@ -394,3 +394,35 @@ def test_works_from_another_event_loop(backend: S3Backend, s3_root: str) -> None
     thread.start()
     thread.join(30)
     assert result == {"entries": [ckpt.Entry("x", True, False)], "data": b"1"}
+
+
+def test_installed_through_the_entry_point_only() -> None:
+    """The s3 scheme comes from the ckpt-backend-s3 distribution's entry point; without that
+    plugin (as after `pip uninstall ckpt-backend-s3`) s3:// says what to install."""
+    import importlib.metadata
+    import os
+    import subprocess
+    import sys
+
+    (entry,) = [e for e in importlib.metadata.entry_points(group="ckpt") if e.name == "s3"]
+    assert entry.dist is not None and entry.dist.name == "ckpt-backend-s3"
+    code = (
+        "import ckpt\n"
+        "assert 's3' not in ckpt.list_backends()\n"
+        "try:\n"
+        "    ckpt.get_backend('s3://bucket/run')\n"
+        "except ckpt.BackendNotInstalledError as e:\n"
+        "    print(e)\n"
+    )
+    env = dict(os.environ, CKPT_DISABLE_PLUGINS="s3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "pip install ckpt-backend-s3" in out.stdout
+    listing = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ckpt"), "backends"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS="250"),
+    )
+    assert listing.returncode == 0 and "S3Backend" in listing.stdout
+    assert "ckpt-backend-s3" in listing.stdout
