@@ -535,3 +535,106 @@ def test_non_native_byte_order(backend: Any, ckdir: UPath) -> None:
     x = np.arange(5, dtype=">i4")
     out = roundtrip(backend, ckdir, {"x": x})
     assert out["x"].dtype == np.dtype("int32") and out["x"].tolist() == list(range(5))
+
+
+def test_large_arrays_are_plain_chunks(backend: Any, ckdir: UPath) -> None:
+    """No sharding: each chunk file holds exactly the chunk's bytes (direct reads)."""
+    x = sample(np.float32, (2048, 1024))  # 8 MB: tensorstore would shard it by default
+    save(backend, ckdir, {"x": x})
+    array_dir = Path(str(ckdir)) / "arrays/0"
+    zarr = json.loads((array_dir / "zarr.json").read_text())
+    assert [c["name"] for c in zarr["codecs"]] == ["bytes"]
+    assert (array_dir / "c/0/0").read_bytes() == x.tobytes()
+
+
+@pytest.fixture
+def direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Paths the direct read opened (the wrapped ``_read_file_into``)."""
+    opened: list[str] = []
+    real = tf._read_file_into
+
+    def spy(path: str, buffer: np.ndarray, file_size: int) -> None:
+        opened.append(path)
+        real(path, buffer, file_size)
+
+    monkeypatch.setattr(tf, "_read_file_into", spy)
+    return opened
+
+
+def test_direct_reads_match_tensorstore(
+    backend: Any, ckdir: UPath, monkeypatch: pytest.MonkeyPatch, direct_reads: list[str]
+) -> None:
+    monkeypatch.setattr(tf, "CHUNK_BYTES", 1000)
+    tree: dict[str, Any] = {np.dtype(d).name: sample(d, (50, 3)) for d in DTYPES}
+    tree["rows"] = sample(np.float32, (100, 7))  # 35 rows a chunk, a partial edge chunk
+    tree["zeros"] = np.zeros((90, 4), np.float64)  # chunks equal to the fill value: no files
+    tree["mixed"] = np.concatenate([np.zeros((40, 5)), np.ones((40, 5))])  # one chunk missing
+    tree["neg_zero"] = np.full((3, 2), -0.0, np.float32)
+    tree["zero_d"] = np.array(2.5)
+    tree["wide"] = sample(np.int16, (3, 2000))  # split along axis 1: tensorstore
+    save(backend, ckdir, tree)
+    arrays = {key: f"arrays/{i}/" for i, key in enumerate(tree)}
+    zeros_dir = Path(str(ckdir)) / arrays["zeros"]
+    assert [f.name for f in zeros_dir.rglob("*") if f.is_file()] == ["zarr.json"]
+    fast = load(backend, ckdir)
+    target = dict(tree, rows=jax.ShapeDtypeStruct((100, 7), jnp.float32))
+    fast_jax = load(backend, ckdir, target)
+    read_dirs = {os.path.relpath(p, str(ckdir)).split(os.sep)[1] for p in direct_reads}
+    assert read_dirs == {a.split("/")[1] for k, a in arrays.items() if k != "wide"}
+    monkeypatch.setattr(tf, "DIRECT_LOCAL_READS", False)
+    slow = load(backend, ckdir)
+    for key, value in tree.items():
+        assert_same_array(fast[key], value)
+        assert_same_array(slow[key], value)
+    assert isinstance(fast_jax["rows"], jax.Array)
+    assert_same_array(fast_jax["rows"], tree["rows"])
+
+
+def test_sharded_arrays_are_read_with_tensorstore(
+    backend: Any, ckdir: UPath, monkeypatch: pytest.MonkeyPatch, direct_reads: list[str]
+) -> None:
+    """Arrays written with a sharded layout (ckpt before plain chunks) still read."""
+    import tensorstore as ts
+
+    real_layout = ts.ChunkLayout
+
+    def sharded(chunk_shape: list[int]) -> Any:
+        return real_layout(write_chunk_shape=chunk_shape, read_chunk_shape=[1] * len(chunk_shape))
+
+    monkeypatch.setattr(tf.ts, "ChunkLayout", sharded)
+    x = sample(np.float32, (6, 4))
+    save(backend, ckdir, {"x": x})
+    monkeypatch.setattr(tf.ts, "ChunkLayout", real_layout)
+    zarr = json.loads((Path(str(ckdir)) / "arrays/0/zarr.json").read_text())
+    assert [c["name"] for c in zarr["codecs"]] == ["sharding_indexed"]
+    assert_same_array(load(backend, ckdir)["x"], x)
+    assert direct_reads == []
+
+
+def test_truncated_chunk_file_is_an_error(backend: Any, ckdir: UPath) -> None:
+    save(backend, ckdir, {"x": sample(np.float32, (8, 8))})
+    chunk = Path(str(ckdir)) / "arrays/0/c/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    with pytest.raises(ValueError):
+        load(backend, ckdir)
+
+
+def test_no_reference_cycles_keep_arrays_alive(backend: Any, ckdir: UPath) -> None:
+    """Dropped snapshots and restored trees are freed at once, not at the next GC pass."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        prepared = tf.prepare({"a": {"x": np.ones(10)}, "b": [np.zeros(3)]})
+        snapshot = weakref.ref(prepared.arrays[0].data)
+        asyncio.run(tf.write(backend, ckdir, prepared))
+        del prepared
+        assert snapshot() is None
+        out = load(backend, ckdir)
+        restored = weakref.ref(out["a"]["x"])
+        del out
+        assert restored() is None
+    finally:
+        gc.enable()

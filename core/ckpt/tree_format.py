@@ -49,7 +49,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -303,31 +303,41 @@ def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
             "str or None."
         )
 
-    def visit(node: Any, keypath: str) -> dict[str, Any]:
-        if isinstance(node, dict):
-            keys = list(node)
-            for key in keys:
-                if not isinstance(key, str):
-                    raise TypeError(
-                        f"Leaf {_display(_join_key(keypath, repr(key)))!r}: dict keys must "
-                        f"be str, got {type(key).__qualname__} {key!r}."
-                    )
-            children = [visit(node[k], _join_key(keypath, k)) for k in keys]
-            return {"type": "dict", "keys": keys, "children": children}
-        if type(node) is list or type(node) is tuple:
-            children = [visit(v, _join_index(keypath, i)) for i, v in enumerate(node)]
-            return {"type": "list" if isinstance(node, list) else "tuple", "children": children}
-        if isinstance(node, (list, tuple)):
-            raise TypeError(
-                f"Leaf {_display(keypath)!r}: unsupported container "
-                f"{type(node).__qualname__}; use a dict, list or tuple."
-            )
-        meta = leaf(node, keypath)
-        leaves.append(meta)
-        return {"type": "leaf", "index": len(leaves) - 1}
-
-    structure = visit(tree, "")
+    structure = _flatten(tree, "", leaf, leaves)
     return PreparedTree(structure, leaves, arrays)
+
+
+def _flatten(
+    node: Any,
+    keypath: str,
+    leaf: Callable[[Any, str], dict[str, Any]],
+    leaves: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The structure of ``node``; appends each leaf's ``leaf(value, keypath)`` to ``leaves``.
+
+    A module-level function, not a recursive closure: a closure that calls itself is a
+    reference cycle, which would keep the snapshot (copies of the caller's arrays) alive
+    until the garbage collector runs, long after the save."""
+    if isinstance(node, dict):
+        keys = list(node)
+        for key in keys:
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"Leaf {_display(_join_key(keypath, repr(key)))!r}: dict keys must "
+                    f"be str, got {type(key).__qualname__} {key!r}."
+                )
+        children = [_flatten(node[k], _join_key(keypath, k), leaf, leaves) for k in keys]
+        return {"type": "dict", "keys": keys, "children": children}
+    if type(node) is list or type(node) is tuple:
+        children = [_flatten(v, _join_index(keypath, i), leaf, leaves) for i, v in enumerate(node)]
+        return {"type": "list" if isinstance(node, list) else "tuple", "children": children}
+    if isinstance(node, (list, tuple)):
+        raise TypeError(
+            f"Leaf {_display(keypath)!r}: unsupported container "
+            f"{type(node).__qualname__}; use a dict, list or tuple."
+        )
+    leaves.append(leaf(node, keypath))
+    return {"type": "leaf", "index": len(leaves) - 1}
 
 
 def _encode_float(x: float) -> float | str:
@@ -653,12 +663,12 @@ async def _read_array(
 ) -> np.ndarray:
     where = _display(meta["keypath"])
     dtype = _DTYPES[meta["dtype"]]
-    out = _aligned_empty(tuple(meta["shape"]), dtype)
     spec = _array_spec(backend, directory, meta["path"])
-    if pool is not None and out.size:
-        root = _local_root(spec)
-        if root is not None and await _read_direct(root, meta, out, pool):
-            return out
+    root = _local_root(spec)
+    if pool is not None and root is not None and math.prod(meta["shape"]):
+        direct = await _read_direct(root, meta, pool)
+        if direct is not None:
+            return direct
     try:
         store = await ts.open(spec, open=True, context=context)
     except ValueError as e:
@@ -671,6 +681,7 @@ async def _read_array(
             f"{store.dtype.numpy_dtype}{tuple(store.shape)}, metadata says "
             f"{meta['dtype']}{tuple(meta['shape'])}."
         )
+    out = _aligned_empty(tuple(meta["shape"]), dtype)
     if out.size:
         await ts.array(out, copy=False, write=True).write(store)
     return out
@@ -791,18 +802,19 @@ def _read_file_into(path: str, buffer: np.ndarray, file_size: int) -> None:
 
 
 async def _read_direct(
-    root: str, meta: dict[str, Any], out: np.ndarray, pool: ThreadPoolExecutor
-) -> bool:
-    """Read the array in the local directory ``root`` into ``out`` with ``os.preadv``, one
-    chunk file per task on ``pool``: the kernel copies from the page cache straight into
-    ``out``, without tensorstore's intermediate per-chunk buffers (a copy and a freshly
-    page-faulted allocation as large as the array). False if the array is not stored as
-    :func:`write` stores it (then ``out`` is to be filled by tensorstore)."""
+    root: str, meta: dict[str, Any], pool: ThreadPoolExecutor
+) -> np.ndarray | None:
+    """The array in the local directory ``root``, read with ``os.preadv``, one chunk file
+    per task on ``pool``: the kernel copies from the page cache straight into the output,
+    without tensorstore's intermediate per-chunk buffers (a copy, and a freshly
+    page-faulted allocation as large as the array). None if the array is not stored as
+    :func:`write` stores it (the caller then reads it with tensorstore)."""
     loop = asyncio.get_running_loop()
     rows = await loop.run_in_executor(pool, _plain_rows, root, meta)
     if rows is None:
-        return False
+        return None
     shape: list[int] = meta["shape"]
+    out = _aligned_empty(tuple(shape), _DTYPES[meta["dtype"]])
     flat = out.reshape(-1).view(np.uint8)
     row_bytes = math.prod(shape[1:]) * out.dtype.itemsize
     tasks = []
@@ -817,14 +829,14 @@ async def _read_direct(
             path = os.path.join(root, "c", str(i), *tail)
             part = flat[start * row_bytes : stop * row_bytes]
             tasks.append(loop.run_in_executor(pool, _read_file_into, path, part, rows * row_bytes))
-    # Wait for every task (none may still write into ``out`` when tensorstore takes over).
+    # Wait for every task: none is left writing into ``out`` after an error.
     results = await asyncio.gather(*tasks, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if any(isinstance(e, _NotPlain) for e in errors):
-        return False
+        return None
     if errors:
         raise errors[0]
-    return True
+    return out
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -917,15 +929,23 @@ async def read(backend: Backend, directory: UPath, target: Any = None) -> Any:
             pool.shutdown(wait=False, cancel_futures=True)
     values: dict[int, Any] = dict(zip(array_leaves, outputs, strict=True))
 
-    def build(node: dict[str, Any]) -> Any:
-        kind = node["type"]
-        if kind == "dict":
-            return {k: build(c) for k, c in zip(node["keys"], node["children"], strict=True)}
-        if kind == "list":
-            return [build(c) for c in node["children"]]
-        if kind == "tuple":
-            return tuple(build(c) for c in node["children"])
-        index = node["index"]
-        return values[index] if index in values else _scalar_value(leaves[index])
+    return _build(doc["structure"], values, leaves)
 
-    return build(doc["structure"])
+
+def _build(node: dict[str, Any], values: dict[int, Any], leaves: list[dict[str, Any]]) -> Any:
+    """The tree described by ``node``: arrays from ``values``, inline leaves from ``leaves``.
+
+    Module-level (not a recursive closure, a reference cycle that would keep every restored
+    array alive until the garbage collector runs, after the caller has dropped them)."""
+    kind = node["type"]
+    if kind == "dict":
+        return {
+            k: _build(c, values, leaves)
+            for k, c in zip(node["keys"], node["children"], strict=True)
+        }
+    if kind == "list":
+        return [_build(c, values, leaves) for c in node["children"]]
+    if kind == "tuple":
+        return tuple(_build(c, values, leaves) for c in node["children"])
+    index = node["index"]
+    return values[index] if index in values else _scalar_value(leaves[index])
