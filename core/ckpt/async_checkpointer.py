@@ -49,13 +49,14 @@ def _timeout_error(request: SaveRequest, timeout_secs: float) -> TimeoutError:
             f"It timed out in the '{phase}' phase; nothing was committed and this "
             "writer's temporary data was discarded (or is left for cleanup)."
         )
-    nbytes = tree_format.tree_nbytes(request.prepared)
+    prepared = request.prepared
+    nbytes = f"~{tree_format.tree_nbytes(prepared)}" if prepared is not None else "all the"
     return TimeoutError(
         f"Asynchronous save of {request.final} did not finish within timeout_secs="
         f"{timeout_secs:g}. {outcome} Things to check: (1) the storage "
         f"({request.backend.describe()}) is reachable from this host and not throttling "
         "or rejecting requests; (2) its write throughput suffices for this checkpoint "
-        f"(~{nbytes} bytes) within the timeout, and the job runs in the same region as "
+        f"({nbytes} bytes) within the timeout, and the job runs in the same region as "
         "the storage; (3) in a multi-host job, every process called save (a stuck "
         "multihost barrier waits for the missing ones); (4) the host is not starved of "
         "CPU or memory. Raise timeout_secs for very large checkpoints or slow stores."
@@ -79,6 +80,9 @@ class AsyncCheckpointer(Checkpointer):
     ``save`` waits for the previous save first (and raises its error, in which case the
     new save is not started). ``restore`` and ``metadata`` wait for a pending save too.
     """
+
+    _snapshot_tree = True
+
 
     #: Extra time the caller waits for a worker whose I/O loop does not answer the
     #: timeout (e.g. a storage call that blocks the loop); the save is then abandoned.
@@ -141,10 +145,12 @@ class AsyncCheckpointer(Checkpointer):
         try:
             run_sync(bounded())
         except BaseException as exc:
+            request.prepared = None  # free the snapshot (host or device memory) now
             logger.error("Background save of %s failed: %r", request.final, exc, exc_info=True)
             if on_failure is not None:
                 on_failure(exc)
             raise
+        request.prepared = None  # free the snapshot (host or device memory) now
         logger.info("Background save of %s committed.", request.final)
         try:
             if on_commit is not None:  # internal bookkeeping (the manager's) first

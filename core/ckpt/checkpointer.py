@@ -72,7 +72,7 @@ class SaveRequest:
     final: UPath
     resolution: Resolution
     tmp: TemporaryPath
-    prepared: tree_format.PreparedTree
+    prepared: tree_format.PreparedTree | None  # dropped once written, to free memory
     force: bool
     #: ``time.perf_counter()`` when ``save`` was called.
     start: float
@@ -138,6 +138,7 @@ async def write_and_commit(request: SaveRequest) -> None:
             await tmp.create()
         request.phase = "write"
         with _timing.timed("write", path=final):
+            assert request.prepared is not None, "a save request is written only once"
             await tree_format.write(backend, tmp.get(), request.prepared)
         request.phase = "commit"
         with _timing.timed("commit", path=final):
@@ -237,6 +238,10 @@ class Checkpointer:
             state = ckptr.restore("/ckpts/100")
     """
 
+    #: Whether the blocking part snapshots (copies) mutable arrays; only an asynchronous
+    #: save, which returns before writing, needs that.
+    _snapshot_tree = False
+
     def __init__(
         self,
         atomicity: str | None = None,
@@ -264,7 +269,8 @@ class Checkpointer:
         final, resolution = self._resolve(path)
         custom = check_custom_metadata(custom_metadata)
         run_sync(check_destination(resolution, final, force=force))
-        prepared = tree_format.prepare(tree)
+        # A synchronous save writes before returning: no snapshot copy is needed.
+        prepared = tree_format.prepare(tree, copy=self._snapshot_tree)
         tmp = resolution.strategy.from_final(
             final, backend=resolution.backend, file_options=self._file_options
         )
