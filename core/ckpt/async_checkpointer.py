@@ -83,7 +83,6 @@ class AsyncCheckpointer(Checkpointer):
 
     _snapshot_tree = True
 
-
     #: Extra time the caller waits for a worker whose I/O loop does not answer the
     #: timeout (e.g. a storage call that blocks the loop); the save is then abandoned.
     _HANG_GRACE_SECS = 60.0

@@ -26,7 +26,7 @@ from typing import Any, Self
 
 from upath import UPath
 
-from ckpt import _timing, tree_format
+from ckpt import _progress, _timing, tree_format
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.errors import CommitConflictError
@@ -81,6 +81,8 @@ class SaveRequest:
     phase: str = "blocking"
     #: True once ``force`` has deleted the checkpoint that was at ``final``.
     replaced_old: bool = False
+    #: Progress callback for the array writes (synchronous saves on a terminal).
+    progress: _progress.ProgressCallback | None = None
 
     @property
     def backend(self) -> Backend:
@@ -139,7 +141,7 @@ async def write_and_commit(request: SaveRequest) -> None:
         request.phase = "write"
         with _timing.timed("write", path=final):
             assert request.prepared is not None, "a save request is written only once"
-            await tree_format.write(backend, tmp.get(), request.prepared)
+            await tree_format.write(backend, tmp.get(), request.prepared, progress=request.progress)
         request.phase = "commit"
         with _timing.timed("commit", path=final):
             if request.force and await backend.exists(final):
@@ -185,11 +187,17 @@ async def check_destination(resolution: Resolution, final: UPath, *, force: bool
     logger.info("force=True: %s exists and will be replaced once the new save is written.", final)
 
 
-async def restore_async(resolution: Resolution, final: UPath, target: Any = None) -> Any:
+async def restore_async(
+    resolution: Resolution,
+    final: UPath,
+    target: Any = None,
+    *,
+    progress: _progress.ProgressCallback | None = None,
+) -> Any:
     """Read the committed checkpoint at ``final`` (see :meth:`Checkpointer.restore`)."""
     content = await committed_content(resolution, final)
     try:
-        return await tree_format.read(resolution.backend, content, target)
+        return await tree_format.read(resolution.backend, content, target, progress=progress)
     except FileNotFoundError as exc:
         if not await resolution.backend.exists(content / tree_format.TREE_FILE):
             raise ValueError(
@@ -230,6 +238,8 @@ class Checkpointer:
         file_options: options for created directories (e.g. permissions).
         backend: a backend instance to use instead of the one registered for each path's
             scheme (e.g. a wrapper that instruments storage calls).
+        progress: show a progress bar (on stderr) while arrays are written or read;
+            None shows one on a terminal for trees of 256 MiB and more.
 
     Example::
 
@@ -248,8 +258,10 @@ class Checkpointer:
         *,
         file_options: FileOptions | None = None,
         backend: Backend | None = None,
+        progress: bool | None = None,
     ) -> None:
         self._atomicity = atomicity
+        self._progress = progress
         self._file_options = file_options or FileOptions()
         self._backend = backend
         self._closed = False
@@ -327,7 +339,11 @@ class Checkpointer:
         ``on_failure(exc)`` when the save fails (before ``exc`` is raised)."""
         try:
             request = self._prepare(path, tree, force=force, custom_metadata=custom_metadata)
-            run_sync(write_and_commit(request))
+            assert request.prepared is not None
+            show = _progress.wanted(self._progress, tree_format.tree_nbytes(request.prepared))
+            with _progress.byte_progress(f"saving {request.final}", show) as bar:
+                request.progress = bar
+                run_sync(write_and_commit(request))
         except BaseException as exc:
             if on_failure is not None:
                 on_failure(exc)
@@ -352,7 +368,8 @@ class Checkpointer:
         start = time.perf_counter()
         final, resolution = self._resolve(path)
         logger.info("Restoring checkpoint from %s", final)
-        result = run_sync(restore_async(resolution, final, target))
+        with _progress.byte_progress(f"restoring {final}", _progress.wanted(self._progress)) as bar:
+            result = run_sync(restore_async(resolution, final, target, progress=bar))
         _timing.record_duration(
             "total", time.perf_counter() - start, path=final, prefix=_timing.READ_PREFIX
         )

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ckpt import _sync, config, registry
+from ckpt import _progress, _sync, config, registry
 from ckpt.backend import Backend
 from ckpt.layout import WRITERS_DIR
 from ckpt.paths import to_path
@@ -180,8 +180,8 @@ def verify(
         meta = _sync.run(read_step_metadata(res.backend, where))
         tree_meta = _sync.run(tree_format.tree_metadata(res.backend, where))
         leaves = tree_meta.get("leaves", [])
-        with _io.out.status(f"reading {len(leaves)} leaves of {final}"):
-            _sync.run(tree_format.read(res.backend, where))
+        with _progress.byte_progress(f"reading {final}", _progress.wanted(None)) as bar:
+            _sync.run(tree_format.read(res.backend, where, progress=bar))
     except Exception as exc:
         _io.err.print(f"[red]{final}: {type(exc).__name__}: {exc}[/]")
         raise typer.Exit(1) from exc

@@ -402,7 +402,12 @@ async def _write_array(
 
 
 async def write(
-    backend: Backend, directory: UPath, prepared: PreparedTree, *, durable: bool = True
+    backend: Backend,
+    directory: UPath,
+    prepared: PreparedTree,
+    *,
+    durable: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write ``prepared`` under ``directory``: all arrays concurrently, then :data:`TREE_FILE`.
 
@@ -410,13 +415,23 @@ async def write(
     through ``backend.kvstore_spec``; with ``durable`` tensorstore fsyncs what it writes
     on local files. Existing arrays are never replaced (write to a fresh directory).
     Making the JSON file and the directory entries durable is the job of the caller's
-    commit (``backend.sync_tree``).
+    commit (``backend.sync_tree``). ``progress(advance_bytes, total_bytes)`` is called as
+    arrays finish.
     """
     await backend.mkdir(directory, parents=True, exist_ok=True)
     context = ts.Context(
         {"file_io_sync": bool(durable), "file_io_concurrency": {"limit": FILE_IO_CONCURRENCY}}
     )
-    await asyncio.gather(*(_write_array(backend, directory, a, context) for a in prepared.arrays))
+    total = tree_nbytes(prepared)
+
+    async def one(item: _ArrayItem) -> None:
+        await _write_array(backend, directory, item, context)
+        if progress is not None:
+            progress(int(np.prod(item.shape)) * item.dtype.itemsize, total)
+
+    if progress is not None:
+        progress(0, total)
+    await asyncio.gather(*(one(a) for a in prepared.arrays))
     data = json.dumps(prepared.metadata(), ensure_ascii=True, allow_nan=False).encode()
     await backend.write_bytes(directory / TREE_FILE, data)
 
@@ -881,14 +896,21 @@ def _to_output(array: np.ndarray, meta: dict[str, Any], target: Any) -> Any:
     return array
 
 
-async def read(backend: Backend, directory: UPath, target: Any = None) -> Any:
+async def read(
+    backend: Backend,
+    directory: UPath,
+    target: Any = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Any:
     """Read the tree saved under ``directory``.
 
     Arrays come back as numpy arrays (numpy scalars for saved numpy scalars), or as
     jax arrays where the matching ``target`` leaf is a ``jax.Array`` (placed with its
     sharding) or a ``jax.ShapeDtypeStruct`` (placed with its ``sharding`` if set, else
     on the default device). Tuples come back as tuples, lists as lists. All arrays
-    are read concurrently.
+    are read concurrently; ``progress(advance_bytes, total_bytes)`` is called as they
+    finish.
 
     Raises:
         ValueError: ``target``'s structure, or a leaf's shape, dtype or kind, differs
@@ -915,8 +937,14 @@ async def read(backend: Backend, directory: UPath, target: Any = None) -> Any:
         with jax.enable_x64(x64):
             return _to_output(array, leaves[i], plan[i])
 
+    total = sum(_leaf_nbytes(leaves[i]) for i in array_leaves)
+    if progress is not None:
+        progress(0, total)
+
     async def read_leaf(i: int) -> Any:
         array = await _read_array(backend, directory, leaves[i], context, pool)
+        if progress is not None:
+            progress(_leaf_nbytes(leaves[i]), total)
         if isinstance(plan.get(i), (jax.Array, jax.ShapeDtypeStruct)):
             # Place on device while the other arrays are still being read.
             return await asyncio.to_thread(place, array, i)
@@ -930,6 +958,10 @@ async def read(backend: Backend, directory: UPath, target: Any = None) -> Any:
     values: dict[int, Any] = dict(zip(array_leaves, outputs, strict=True))
 
     return _build(doc["structure"], values, leaves)
+
+
+def _leaf_nbytes(meta: dict[str, Any]) -> int:
+    return math.prod(meta["shape"]) * _DTYPES[meta["dtype"]].itemsize
 
 
 def _build(node: dict[str, Any], values: dict[int, Any], leaves: list[dict[str, Any]]) -> Any:
