@@ -89,3 +89,17 @@ def test_malformed_config_is_a_clear_error(tmp_path: Path) -> None:
 def test_backend_options_exclude_atomicity(tmp_path: Path) -> None:
     (tmp_path / "ckpt.toml").write_text('[backends.s3]\natomicity = "commit_file"\nregion = "eu"\n')
     assert load_config().backend_options("s3") == {"region": "eu"}
+
+
+def test_tables_of_all_names_of_a_backend_apply() -> None:
+    """A backend serving several schemes (gs and gcs) reads both tables; the URL's wins."""
+    from ckpt.config import Config
+
+    cfg = Config(
+        backends={"gcs": {"atomicity": "rename", "project": "p", "x": 1}, "gs": {"x": 2}},
+        source="ckpt.toml",
+    )
+    assert cfg.atomicity("gs") == (None, "")
+    assert cfg.atomicity("gs", "gcs") == ("rename", "ckpt.toml [backends.gcs]")
+    assert cfg.backend_options("gs", "gcs") == {"project": "p", "x": 2}
+    assert cfg.backend_options("gcs", "gs") == {"project": "p", "x": 1}

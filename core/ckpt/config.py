@@ -31,17 +31,26 @@ class Config:
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str | None = None
 
-    def backend_options(self, scheme: str) -> dict[str, Any]:
-        """Options of ``[backends.<scheme>]`` other than ``atomicity``."""
-        table = dict(self.backends.get(scheme, {}))
-        table.pop("atomicity", None)
-        return table
+    def _tables(self, schemes: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+        return [(sc, self.backends[sc]) for sc in dict.fromkeys(schemes) if sc in self.backends]
 
-    def atomicity(self, scheme: str) -> tuple[str | None, str]:
-        """``(value, where it came from)`` of the config-file atomicity for ``scheme``."""
-        table = self.backends.get(scheme, {})
-        if "atomicity" in table:
-            return _as_name(table["atomicity"], self.source), f"{self.source} [backends.{scheme}]"
+    def backend_options(self, *schemes: str) -> dict[str, Any]:
+        """Options of ``[backends.<scheme>]`` other than ``atomicity``. With several names
+        of one backend (``gs``, ``gcs``), the tables are merged, the first name winning."""
+        merged: dict[str, Any] = {}
+        for _, table in reversed(self._tables(schemes)):
+            merged.update(table)
+        merged.pop("atomicity", None)
+        return merged
+
+    def atomicity(self, *schemes: str) -> tuple[str | None, str]:
+        """``(value, where it came from)`` of the config-file atomicity for a backend known
+        by ``schemes`` (the URL's scheme first)."""
+        for scheme, table in self._tables(schemes):
+            if "atomicity" in table:
+                return _as_name(
+                    table["atomicity"], self.source
+                ), f"{self.source} [backends.{scheme}]"
         if "atomicity" in self.values:
             return _as_name(self.values["atomicity"], self.source), f"{self.source}"
         return None, ""
@@ -96,7 +105,7 @@ def load_config(cwd: str | os.PathLike[str] | None = None) -> Config:
 
 
 def resolve_atomicity(
-    scheme: str, atomicity: str | None = None, config: Config | None = None
+    scheme: str | tuple[str, ...], atomicity: str | None = None, config: Config | None = None
 ) -> tuple[str, str]:
     """``(name, source)`` of the atomicity setting for ``scheme`` (may be ``auto``)."""
     if atomicity is not None:
@@ -105,7 +114,8 @@ def resolve_atomicity(
     if env:
         return env, f"${ENV_ATOMICITY}"
     config = config if config is not None else load_config()
-    value, where = config.atomicity(scheme)
+    schemes = (scheme,) if isinstance(scheme, str) else scheme
+    value, where = config.atomicity(*schemes)
     if value is not None:
         return value, where
     return AUTO, "default"

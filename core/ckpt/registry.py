@@ -74,7 +74,7 @@ def get_backend(location: Any, *, config: config_lib.Config | None = None) -> Ba
             f"Installed backends: {', '.join(sorted(registry.backends)) or 'none'}."
         )
     config = config if config is not None else config_lib.load_config()
-    options = config.backend_options(scheme)
+    options = config.backend_options(scheme, backend_class.scheme)
     key = (scheme, json.dumps(options, sort_keys=True, default=str))
     backend = registry.instances.get(key)
     if backend is None:
@@ -136,7 +136,9 @@ def resolve(
     """Backend, strategy and where the setting came from, for ``location``."""
     config = config_lib.load_config()
     backend = backend or get_backend(location, config=config)
-    name, source = config_lib.resolve_atomicity(scheme_of(location), atomicity, config)
+    name, source = config_lib.resolve_atomicity(
+        (scheme_of(location), type(backend).scheme), atomicity, config
+    )
     if name == config_lib.AUTO:
         name = backend.default_strategy
         source = f"{source} (auto -> {backend.describe()} default)"
