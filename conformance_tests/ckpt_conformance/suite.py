@@ -12,7 +12,7 @@ import pytest
 
 import ckpt
 from ckpt import _sync
-from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE, is_temporary_name
+from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE
 from ckpt.registry import resolve, supported_strategies
 
 STRATEGIES = ("rename", "commit_file")
@@ -367,4 +367,4 @@ class _Raw:
         self.fs.invalidate_cache()
 
 
-__all__ = ["BackendConformance", "is_temporary_name"]
+__all__ = ["BackendConformance"]

@@ -20,14 +20,20 @@ from ckpt.backend import Backend, Entry
 from ckpt.layout import (
     COMMIT_SUCCESS_FILE,
     WRITERS_DIR,
-    is_temporary_name,
     temporary_name,
     writer_dir_from_marker,
 )
 from ckpt.paths import to_path
 from ckpt.step_metadata import StepMetadata, write_step_metadata
 
-__all__ = ["FileOptions", "ReadOnlyTemporaryPath", "TemporaryPath"]
+__all__ = [
+    "FileOptions",
+    "ReadOnlyTemporaryPath",
+    "TemporaryPath",
+    "committed_writer",
+    "content_path",
+    "delete_checkpoint",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,5 +277,3 @@ class ReadOnlyTemporaryPath(TemporaryPath):
     async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
         raise NotImplementedError
 
-
-__all__ += ["committed_writer", "content_path", "delete_checkpoint", "is_temporary_name"]
