@@ -204,20 +204,24 @@ def backends(
     for scheme, cls in registry.list_backends().items():
         by_class.setdefault(cls, []).append(scheme)
     for cls, schemes in by_class.items():
-        caps = getattr(cls, "capabilities", None)
-        works = [
-            name
-            for name, strat in registry.list_strategies().items()
-            if caps is not None and all(caps.has(c) for c in getattr(strat, "requires", ()))
-        ]
-        table.add_row(
-            ", ".join(schemes),
-            cls.__name__,
-            getattr(cls, "package", "") or "-",
-            ", ".join(caps.names()) if caps is not None else "-",
-            ", ".join(works) or "per bucket",
-            getattr(cls, "default_strategy", "-"),
-        )
+        # A backend whose capabilities depend on the bucket lists each variant.
+        variants = getattr(cls, "capability_variants", None) or {
+            "": (getattr(cls, "capabilities", None), getattr(cls, "default_strategy", "-"))
+        }
+        for variant, (caps, default) in variants.items():
+            works = [
+                name
+                for name, strat in registry.list_strategies().items()
+                if caps is not None and all(caps.has(c) for c in getattr(strat, "requires", ()))
+            ]
+            table.add_row(
+                ", ".join(schemes) + (f" ({variant})" if variant else ""),
+                cls.__name__,
+                getattr(cls, "package", "") or "-",
+                ", ".join(caps.names()) if caps is not None else "-",
+                ", ".join(works) or "-",
+                default,
+            )
     _io.out.print(table)
     _io.out.print(
         "strategies: "

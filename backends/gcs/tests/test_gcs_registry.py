@@ -140,3 +140,19 @@ def test_options(monkeypatch) -> None:
         GCSOptions.from_mapping({"layout": "zonal"})
     with pytest.raises(ValueError, match="rename_timeout_s"):
         GCSOptions.from_mapping({"rename_timeout_s": 0})
+
+
+def test_ckpt_backends_lists_both_bucket_layouts(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from ckpt.cli import app
+
+    monkeypatch.setenv("COLUMNS", "250")
+    result = CliRunner().invoke(app, ["backends"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "GCSBackend" in line]
+    assert len(rows) == 2
+    flat = next(r for r in rows if "flat bucket" in r)
+    hns = next(r for r in rows if "HNS bucket" in r)
+    assert "atomic_dir_rename" not in flat and flat.rstrip(" │").endswith("commit_file")
+    assert "atomic_dir_rename" in hns and hns.rstrip(" │").endswith("rename")
