@@ -59,7 +59,7 @@ def run_demo(
             params, first = state["params"], int(state["step"]) + 1
             console.print(f"[bold]ckpt demo[/]: resuming from step {start} in {directory}")
         table = Table(title="training")
-        for col in ("step", "loss", "save blocked (ms)"):
+        for col in ("step", "loss", "save() returned after (ms)"):
             table.add_column(col, justify="right")
         for step in range(first, first + steps):
             params, loss = train_step(params, x, y)
@@ -70,6 +70,10 @@ def run_demo(
             )
         manager.wait_until_finished()
         console.print(table)
+        console.print(
+            "save() returns once the previous background save is committed and this one's "
+            "blocking part is done; writing and committing run in the background."
+        )
         kept = manager.all_steps()
         console.print(f"committed steps kept (max_to_keep={max_to_keep}): {kept}")
 
