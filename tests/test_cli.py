@@ -86,3 +86,29 @@ def test_console_script_runs(tmp_path: Path) -> None:
     proc = subprocess.run([str(exe), "ls", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "no checkpoints here" in proc.stdout
+
+
+def test_demo_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).parent / "ckpt")
+    env = dict(os.environ, COLUMNS="200", JAX_PLATFORMS="cpu")
+    first = subprocess.run(
+        [exe, "demo", str(tmp_path / "run"), "--steps", "4", "--max-to-keep", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "training from scratch" in first.stdout and "identical" in first.stdout
+    assert ckpt.checkpoint_steps(tmp_path / "run") == [2, 3]
+    second = subprocess.run(
+        [exe, "demo", str(tmp_path / "run"), "--steps", "2", "--max-to-keep", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr
+    assert "resuming from step 3" in second.stdout
+    assert ckpt.checkpoint_steps(tmp_path / "run") == [4, 5]
+    assert ckpt.all_temporary_paths(tmp_path / "run") == []
