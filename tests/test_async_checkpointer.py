@@ -228,25 +228,33 @@ def test_storage_timeout_not_mistaken_for_ours(tmp_path: Path, backend: GatedBac
 class LoopBlockingBackend(LocalBackend):
     """A store whose call blocks the I/O event loop itself (a hung synchronous call)."""
 
-    blocked = False
+    HANG_SECS = 3.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked = False
+        self.returned = threading.Event()
 
     async def write_bytes(self, path: UPath, data: bytes) -> None:
         if path.name == "_TREE.json" and not self.blocked:
             self.blocked = True
-            time.sleep(1.0)
+            time.sleep(self.HANG_SECS)
+            self.returned.set()
         await super().write_bytes(path, data)
 
 
 def test_hung_worker_abandoned_after_grace(tmp_path: Path) -> None:
-    ckptr = ckpt.AsyncCheckpointer(backend=LoopBlockingBackend(), timeout_secs=0.1)
+    backend = LoopBlockingBackend()
+    ckptr = ckpt.AsyncCheckpointer(backend=backend, timeout_secs=0.1)
     ckptr._HANG_GRACE_SECS = 0.1
     ckptr.save(tmp_path / "1", {"v": 1})
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"timeout_secs=0\.1") as info:
         ckptr.wait_until_finished()
-    assert time.monotonic() - start < 0.9  # did not wait for the hung call
+    assert not backend.returned.is_set()  # gave up before the hung call came back
+    assert time.monotonic() - start < backend.HANG_SECS
     assert any("abandoned" in note for note in info.value.__notes__)
-    time.sleep(1.0)  # let the hung call return
+    assert backend.returned.wait(10)  # let the hung call return
     ckptr._timeout_secs = 60  # no flakes on a busy machine
     ckptr.save(tmp_path / "2", {"v": 2})  # on a new worker
     ckptr.close()
