@@ -3,7 +3,6 @@ exactly once by the next call, timeouts, ordering of saves, restores and callbac
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
@@ -17,57 +16,17 @@ from upath import UPath
 
 import ckpt
 from ckpt_backend_local import LocalBackend
+from ckpt_conformance.instrumented import InstrumentedBackend
 
 
-class GatedBackend(LocalBackend):
-    """The real local backend; chosen calls can be held until released, or fail.
-
-    Keys are ``"op"`` or ``"op:<file name>"``.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gates: dict[str, threading.Event] = {}
-        self.entered: dict[str, threading.Event] = {}
-        self.fail_on: dict[str, BaseException] = {}
-        self.log: list[tuple[str, str]] = []
-
-    def gate(self, key: str) -> threading.Event:
-        self.entered[key] = threading.Event()
-        self.gates[key] = threading.Event()
-        return self.gates[key]
-
-    def release_all(self) -> None:
-        for gate in self.gates.values():
-            gate.set()
-
-    async def _hook(self, op: str, path: UPath) -> None:
-        self.log.append((op, path.name))
-        for key in (f"{op}:{path.name}", op):
-            if key in self.entered:
-                self.entered[key].set()
-            gate = self.gates.get(key)
-            while gate is not None and not gate.is_set():
-                await asyncio.sleep(0.005)
-            if key in self.fail_on:
-                raise self.fail_on[key]
-
-    async def mkdir(self, path: UPath, **kwargs: Any) -> None:
-        await self._hook("mkdir", path)
-        await super().mkdir(path, **kwargs)
-
-    async def write_bytes(self, path: UPath, data: bytes) -> None:
-        await self._hook("write_bytes", path)
-        await super().write_bytes(path, data)
-
-    async def rename_dir(self, src: UPath, dst: UPath) -> None:
-        await self._hook("rename_dir", dst)
-        await super().rename_dir(src, dst)
+def instrumented() -> InstrumentedBackend:
+    """The real local backend, every primitive passing through test hooks."""
+    return InstrumentedBackend(LocalBackend())
 
 
 @pytest.fixture
-def backend() -> Iterator[GatedBackend]:
-    b = GatedBackend()
+def backend() -> Iterator[InstrumentedBackend]:
+    b = instrumented()
     yield b
     b.release_all()
 
@@ -97,7 +56,7 @@ def run_in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
 # -- the blocking part ---------------------------------------------------------------------------
 
 
-def test_save_returns_before_write_and_commit(tmp_path: Path, backend: GatedBackend) -> None:
+def test_save_returns_before_write_and_commit(tmp_path: Path, backend: InstrumentedBackend) -> None:
     gate = backend.gate("write_bytes:_TREE.json")
     with ckpt.AsyncCheckpointer(backend=backend) as ckptr:
         ckptr.save(tmp_path / "1", {"w": np.arange(4)})
@@ -110,7 +69,7 @@ def test_save_returns_before_write_and_commit(tmp_path: Path, backend: GatedBack
         np.testing.assert_array_equal(ckptr.restore(tmp_path / "1")["w"], np.arange(4))
 
 
-def test_directory_created_in_background(tmp_path: Path, backend: GatedBackend) -> None:
+def test_directory_created_in_background(tmp_path: Path, backend: InstrumentedBackend) -> None:
     gate = backend.gate("mkdir")
     ckptr = ckpt.AsyncCheckpointer(backend=backend)
     start = time.monotonic()
@@ -123,7 +82,7 @@ def test_directory_created_in_background(tmp_path: Path, backend: GatedBackend) 
     assert ckpt.Checkpointer().restore(tmp_path / "1") == {"v": 1}
 
 
-def test_caller_may_mutate_arrays_after_save(tmp_path: Path, backend: GatedBackend) -> None:
+def test_caller_may_mutate_arrays_after_save(tmp_path: Path, backend: InstrumentedBackend) -> None:
     gate = backend.gate("write_bytes:_TREE.json")
     array = np.zeros(8)
     ckptr = ckpt.AsyncCheckpointer(backend=backend)
@@ -148,8 +107,8 @@ def test_validation_errors_raised_by_save(tmp_path: Path) -> None:
 # -- errors: raised once, by the next call --------------------------------------------------------
 
 
-def _failing(tmp_path: Path) -> tuple[ckpt.AsyncCheckpointer, GatedBackend]:
-    backend = GatedBackend()
+def _failing(tmp_path: Path) -> tuple[ckpt.AsyncCheckpointer, InstrumentedBackend]:
+    backend = instrumented()
     backend.fail_on["write_bytes:_TREE.json"] = OSError("injected storage error")
     ckptr = ckpt.AsyncCheckpointer(backend=backend)
     ckptr.save(tmp_path / "1", {"v": np.ones(2)})  # the error happens in the background
@@ -202,7 +161,7 @@ def test_error_raised_by_restore_and_close(tmp_path: Path) -> None:
 # -- timeout ---------------------------------------------------------------------------------------
 
 
-def test_timeout_error_with_hints(tmp_path: Path, backend: GatedBackend) -> None:
+def test_timeout_error_with_hints(tmp_path: Path, backend: InstrumentedBackend) -> None:
     backend.gate("write_bytes:_TREE.json")  # the store never answers
     ckptr = ckpt.AsyncCheckpointer(backend=backend, timeout_secs=0.3)
     ckptr.save(tmp_path / "1", {"v": np.ones(3)})
@@ -216,7 +175,9 @@ def test_timeout_error_with_hints(tmp_path: Path, backend: GatedBackend) -> None
     ckptr.close()
 
 
-def test_storage_timeout_not_mistaken_for_ours(tmp_path: Path, backend: GatedBackend) -> None:
+def test_storage_timeout_not_mistaken_for_ours(
+    tmp_path: Path, backend: InstrumentedBackend
+) -> None:
     backend.fail_on["write_bytes:_TREE.json"] = TimeoutError("socket timed out")
     ckptr = ckpt.AsyncCheckpointer(backend=backend, timeout_secs=60)
     ckptr.save(tmp_path / "1", {"v": 1})
@@ -269,7 +230,7 @@ def test_timeout_must_be_positive() -> None:
 # -- ordering --------------------------------------------------------------------------------------
 
 
-def test_second_save_waits_for_first(tmp_path: Path, backend: GatedBackend) -> None:
+def test_second_save_waits_for_first(tmp_path: Path, backend: InstrumentedBackend) -> None:
     gate = backend.gate("write_bytes:_TREE.json")
     ckptr = ckpt.AsyncCheckpointer(backend=backend)
     ckptr.save(tmp_path / "1", {"v": 1})
@@ -285,7 +246,7 @@ def test_second_save_waits_for_first(tmp_path: Path, backend: GatedBackend) -> N
     assert ckpt.Checkpointer().restore(tmp_path / "2") == {"v": 2}
 
 
-def test_restore_waits_for_pending_save(tmp_path: Path, backend: GatedBackend) -> None:
+def test_restore_waits_for_pending_save(tmp_path: Path, backend: InstrumentedBackend) -> None:
     gate = backend.gate("rename_dir")
     ckptr = ckpt.AsyncCheckpointer(backend=backend)
     ckptr.save(tmp_path / "1", {"v": 1})
@@ -299,7 +260,7 @@ def test_restore_waits_for_pending_save(tmp_path: Path, backend: GatedBackend) -
 
 
 def test_post_finalization_callback_runs_after_commit(
-    tmp_path: Path, backend: GatedBackend
+    tmp_path: Path, backend: InstrumentedBackend
 ) -> None:
     order: list[str] = []
 

@@ -20,36 +20,14 @@ import ckpt
 from ckpt import _sync
 from ckpt.checkpointer import ITEM_HANDLERS
 from ckpt_backend_local import LocalBackend
+from ckpt_conformance.instrumented import InstrumentedBackend
 
 STRATEGIES = ["rename", "commit_file"]
 
 
-class FlakyBackend(LocalBackend):
-    """The real local backend, with hooks that fail or interfere with chosen calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fail_on: dict[str, BaseException] = {}  # "op" or "op:name" -> error
-        self.before: dict[str, Any] = {}  # "op" or "op:name" -> async callable(path)
-
-    async def _hook(self, op: str, path: UPath) -> None:
-        for key in (f"{op}:{path.name}", op):
-            if key in self.before:
-                await self.before.pop(key)(path)
-            if key in self.fail_on:
-                raise self.fail_on[key]
-
-    async def write_bytes(self, path: UPath, data: bytes) -> None:
-        await self._hook("write_bytes", path)
-        await super().write_bytes(path, data)
-
-    async def rename_dir(self, src: UPath, dst: UPath) -> None:
-        await self._hook("rename_dir", dst)
-        await super().rename_dir(src, dst)
-
-    async def create_exclusive(self, path: UPath, data: bytes) -> None:
-        await self._hook("create_exclusive", path)
-        await super().create_exclusive(path, data)
+def instrumented() -> InstrumentedBackend:
+    """The real local backend, every primitive passing through test hooks."""
+    return InstrumentedBackend(LocalBackend())
 
 
 def tree() -> dict[str, Any]:
@@ -170,7 +148,7 @@ def test_force_replaces(tmp_path: Path, atomicity: str) -> None:
 @pytest.mark.parametrize("strategy", ["rename", "commit_file"])
 def test_force_keeps_old_checkpoint_when_write_fails(tmp_path: Path, strategy: str) -> None:
     ckpt.Checkpointer(strategy).save(tmp_path / "1", {"v": 1})
-    backend = FlakyBackend()
+    backend = instrumented()
     backend.fail_on["write_bytes:_TREE.json"] = OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
         ckpt.Checkpointer(strategy, backend=backend).save(tmp_path / "1", {"v": 2}, force=True)
@@ -180,7 +158,7 @@ def test_force_keeps_old_checkpoint_when_write_fails(tmp_path: Path, strategy: s
 
 def test_force_keeps_new_data_when_commit_fails(tmp_path: Path) -> None:
     ckpt.Checkpointer().save(tmp_path / "1", {"v": 1})
-    backend = FlakyBackend()
+    backend = instrumented()
     backend.fail_on["rename_dir:1"] = OSError("rename failed")  # the commit, not the delete
     with pytest.raises(OSError, match="rename failed") as info:
         ckpt.Checkpointer(backend=backend).save(tmp_path / "1", {"v": 2}, force=True)
@@ -250,7 +228,7 @@ def test_bad_custom_metadata_rejected_before_writing(tmp_path: Path) -> None:
 
 
 def test_write_failure_discards_own_temporary(tmp_path: Path, atomicity: str) -> None:
-    backend = FlakyBackend()
+    backend = instrumented()
     backend.fail_on["write_bytes:_TREE.json"] = OSError("injected")
     with pytest.raises(OSError, match="injected"):
         ckpt.Checkpointer(atomicity, backend=backend).save(tmp_path / "1", tree())
@@ -258,7 +236,7 @@ def test_write_failure_discards_own_temporary(tmp_path: Path, atomicity: str) ->
 
 
 def test_commit_conflict_surfaced(tmp_path: Path, atomicity: str) -> None:
-    backend = FlakyBackend()
+    backend = instrumented()
     final = tmp_path / "1"
 
     async def other_writer_commits_first(path: UPath) -> None:

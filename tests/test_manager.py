@@ -3,13 +3,11 @@ crash (SIGKILL of a saving subprocess)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,57 +15,24 @@ from typing import Any
 
 import numpy as np
 import pytest
-from upath import UPath
 
 import ckpt
 from ckpt.layout import temporary_name, unique_token
 from ckpt_backend_local import LocalBackend
+from ckpt_conformance.instrumented import InstrumentedBackend
 
 STRATEGIES = ["rename", "commit_file"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-class GatedBackend(LocalBackend):
-    """The real local backend; chosen calls (``"op"`` or ``"op:<name>"``) can be held until
-    released, or fail."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gates: dict[str, threading.Event] = {}
-        self.entered: dict[str, threading.Event] = {}
-        self.fail_on: dict[str, BaseException] = {}
-
-    def gate(self, key: str) -> threading.Event:
-        self.entered[key] = threading.Event()
-        self.gates[key] = threading.Event()
-        return self.gates[key]
-
-    async def _hook(self, op: str, path: UPath) -> None:
-        for key in (f"{op}:{path.name}", op):
-            if key in self.entered:
-                self.entered[key].set()
-            gate = self.gates.get(key)
-            while gate is not None and not gate.is_set():
-                await asyncio.sleep(0.005)
-            if key in self.fail_on:
-                raise self.fail_on[key]
-
-    async def write_bytes(self, path: UPath, data: bytes) -> None:
-        await self._hook("write_bytes", path)
-        await super().write_bytes(path, data)
-
-    async def list_dir(self, path: UPath) -> list[Any]:
-        await self._hook("list_dir", path)
-        return await super().list_dir(path)
-
-    async def remove_tree(self, path: UPath) -> None:
-        await self._hook("remove_tree", path)
-        await super().remove_tree(path)
+def instrumented() -> InstrumentedBackend:
+    """The real local backend, every primitive passing through test hooks."""
+    return InstrumentedBackend(LocalBackend())
 
 
 @pytest.fixture
-def backend() -> Iterator[GatedBackend]:
-    b = GatedBackend()
+def backend() -> Iterator[InstrumentedBackend]:
+    b = instrumented()
     yield b
     for gate in b.gates.values():
         gate.set()
@@ -151,7 +116,9 @@ def test_delete(tmp_path: Path, atomicity: str) -> None:
     assert ckpt.all_temporary_paths(tmp_path) == []
 
 
-def test_pending_step_listed_and_dropped_on_failure(tmp_path: Path, backend: GatedBackend) -> None:
+def test_pending_step_listed_and_dropped_on_failure(
+    tmp_path: Path, backend: InstrumentedBackend
+) -> None:
     backend.gate("write_bytes:_TREE.json")
     backend.fail_on["write_bytes:_TREE.json"] = OSError("injected")
     mngr = ckpt.CheckpointManager(tmp_path, backend=backend, cleanup_tmp_directories=False)
@@ -168,7 +135,7 @@ def test_pending_step_listed_and_dropped_on_failure(tmp_path: Path, backend: Gat
 
 
 def test_max_to_keep_deletes_only_after_commit(
-    tmp_path: Path, backend: GatedBackend, atomicity: str
+    tmp_path: Path, backend: InstrumentedBackend, atomicity: str
 ) -> None:
     mngr = ckpt.CheckpointManager(tmp_path, max_to_keep=2, atomicity=atomicity, backend=backend)
     for step in (1, 2):
@@ -188,7 +155,7 @@ def test_max_to_keep_deletes_only_after_commit(
     mngr.close()
 
 
-def test_failed_save_deletes_nothing(tmp_path: Path, backend: GatedBackend) -> None:
+def test_failed_save_deletes_nothing(tmp_path: Path, backend: InstrumentedBackend) -> None:
     mngr = ckpt.CheckpointManager(tmp_path, max_to_keep=1, backend=backend)
     mngr.save(1, state(1))
     mngr.wait_until_finished()
@@ -201,7 +168,7 @@ def test_failed_save_deletes_nothing(tmp_path: Path, backend: GatedBackend) -> N
     mngr.close()
 
 
-def test_old_steps_deleted_in_background(tmp_path: Path, backend: GatedBackend) -> None:
+def test_old_steps_deleted_in_background(tmp_path: Path, backend: InstrumentedBackend) -> None:
     mngr = ckpt.CheckpointManager(tmp_path, max_to_keep=1, backend=backend, async_save=False)
     mngr.save(1, state(1))
     gate = backend.gate("remove_tree:1")
@@ -217,7 +184,7 @@ def test_old_steps_deleted_in_background(tmp_path: Path, backend: GatedBackend) 
 # -- cleanup of temporaries ---------------------------------------------------------------------
 
 
-def test_cleanup_does_not_delay_first_save(tmp_path: Path, backend: GatedBackend) -> None:
+def test_cleanup_does_not_delay_first_save(tmp_path: Path, backend: InstrumentedBackend) -> None:
     stale = stale_temporary(tmp_path, "4")
     (tmp_path / "notes").mkdir()  # unknown: never deleted
     gate = backend.gate("list_dir")  # the cleanup's listing hangs
@@ -235,7 +202,7 @@ def test_cleanup_does_not_delay_first_save(tmp_path: Path, backend: GatedBackend
 
 
 def test_cleanup_spares_writers_started_after_manager(
-    tmp_path: Path, backend: GatedBackend
+    tmp_path: Path, backend: InstrumentedBackend
 ) -> None:
     stale = stale_temporary(tmp_path, "1")
     gate = backend.gate("list_dir")

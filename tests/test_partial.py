@@ -9,37 +9,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from upath import UPath
 
 import ckpt
 from ckpt import _sync
 from ckpt.partial import PIECE_PREFIX
 from ckpt.partial import partial_save_path as _partial_save_path
 from ckpt_backend_local import LocalBackend
+from ckpt_conformance.instrumented import InstrumentedBackend
 
 STRATEGIES = ["rename", "commit_file"]
 
 
-class FailingBackend(LocalBackend):
-    """The real local backend; calls named in ``fail_on`` (``"op"`` or ``"op:<name>"``)
-    raise."""
-
-    def __init__(self, **fail_on: BaseException) -> None:
-        super().__init__()
-        self.fail_on = {k.replace("__", ":"): v for k, v in fail_on.items()}
-
-    def _check(self, op: str, path: UPath) -> None:
-        for key in (f"{op}:{path.name}", op):
-            if key in self.fail_on:
-                raise self.fail_on[key]
-
-    async def rename_dir(self, src: UPath, dst: UPath) -> None:
-        self._check("rename_dir", dst)
-        await super().rename_dir(src, dst)
-
-    async def create_exclusive(self, path: UPath, data: bytes) -> None:
-        self._check("create_exclusive", path.parent)
-        await super().create_exclusive(path, data)
+def instrumented() -> InstrumentedBackend:
+    """The real local backend, every primitive passing through test hooks."""
+    return InstrumentedBackend(LocalBackend())
 
 
 @pytest.fixture(params=STRATEGIES)
@@ -179,8 +162,9 @@ def test_failing_commit_leaves_partial_dir_intact(tmp_path: Path, atomicity: str
     ckpt.partial.save(path, {"a": np.ones(2)}, atomicity=atomicity)
     ckpt.partial.save(path, {"b": 2}, atomicity=atomicity)
     before = snapshot(partial_save_path(path))
-    op = "rename_dir__ck" if atomicity == "rename" else "create_exclusive__ck"
-    backend = FailingBackend(**{op: OSError("injected commit failure")})
+    op = "rename_dir:ck" if atomicity == "rename" else "create_exclusive:commit_success.txt"
+    backend = instrumented()
+    backend.fail_on[op] = OSError("injected commit failure")
     with pytest.raises(OSError, match="injected commit failure"):
         ckpt.partial.finalize(path, atomicity=atomicity, backend=backend)
     assert snapshot(partial_save_path(path)) == before
