@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,6 @@ from upath import UPath
 import ckpt
 from ckpt_backend_local import LocalBackend
 from ckpt_conformance.instrumented import InstrumentedBackend
-
-
-def instrumented() -> InstrumentedBackend:
-    """The real local backend, every primitive passing through test hooks."""
-    return InstrumentedBackend(LocalBackend())
-
-
-@pytest.fixture
-def backend() -> Iterator[InstrumentedBackend]:
-    b = instrumented()
-    yield b
-    b.release_all()
 
 
 def wait_for(event: threading.Event, what: str) -> None:
@@ -108,7 +95,7 @@ def test_validation_errors_raised_by_save(tmp_path: Path) -> None:
 
 
 def _failing(tmp_path: Path) -> tuple[ckpt.AsyncCheckpointer, InstrumentedBackend]:
-    backend = instrumented()
+    backend = InstrumentedBackend(LocalBackend())
     backend.fail_on["write_bytes:_TREE.json"] = OSError("injected storage error")
     ckptr = ckpt.AsyncCheckpointer(backend=backend)
     ckptr.save(tmp_path / "1", {"v": np.ones(2)})  # the error happens in the background

@@ -25,11 +25,6 @@ from ckpt_conformance.instrumented import InstrumentedBackend
 STRATEGIES = ["rename", "commit_file"]
 
 
-def instrumented() -> InstrumentedBackend:
-    """The real local backend, every primitive passing through test hooks."""
-    return InstrumentedBackend(LocalBackend())
-
-
 def tree() -> dict[str, Any]:
     return {
         "params": {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": jnp.ones(4)},
@@ -148,7 +143,7 @@ def test_force_replaces(tmp_path: Path, atomicity: str) -> None:
 @pytest.mark.parametrize("strategy", ["rename", "commit_file"])
 def test_force_keeps_old_checkpoint_when_write_fails(tmp_path: Path, strategy: str) -> None:
     ckpt.Checkpointer(strategy).save(tmp_path / "1", {"v": 1})
-    backend = instrumented()
+    backend = InstrumentedBackend(LocalBackend())
     backend.fail_on["write_bytes:_TREE.json"] = OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
         ckpt.Checkpointer(strategy, backend=backend).save(tmp_path / "1", {"v": 2}, force=True)
@@ -158,7 +153,7 @@ def test_force_keeps_old_checkpoint_when_write_fails(tmp_path: Path, strategy: s
 
 def test_force_keeps_new_data_when_commit_fails(tmp_path: Path) -> None:
     ckpt.Checkpointer().save(tmp_path / "1", {"v": 1})
-    backend = instrumented()
+    backend = InstrumentedBackend(LocalBackend())
     backend.fail_on["rename_dir:1"] = OSError("rename failed")  # the commit, not the delete
     with pytest.raises(OSError, match="rename failed") as info:
         ckpt.Checkpointer(backend=backend).save(tmp_path / "1", {"v": 2}, force=True)
@@ -228,7 +223,7 @@ def test_bad_custom_metadata_rejected_before_writing(tmp_path: Path) -> None:
 
 
 def test_write_failure_discards_own_temporary(tmp_path: Path, atomicity: str) -> None:
-    backend = instrumented()
+    backend = InstrumentedBackend(LocalBackend())
     backend.fail_on["write_bytes:_TREE.json"] = OSError("injected")
     with pytest.raises(OSError, match="injected"):
         ckpt.Checkpointer(atomicity, backend=backend).save(tmp_path / "1", tree())
@@ -236,7 +231,7 @@ def test_write_failure_discards_own_temporary(tmp_path: Path, atomicity: str) ->
 
 
 def test_commit_conflict_surfaced(tmp_path: Path, atomicity: str) -> None:
-    backend = instrumented()
+    backend = InstrumentedBackend(LocalBackend())
     final = tmp_path / "1"
 
     async def other_writer_commits_first(path: UPath) -> None:

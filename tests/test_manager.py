@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +17,10 @@ import pytest
 
 import ckpt
 from ckpt.layout import temporary_name, unique_token
-from ckpt_backend_local import LocalBackend
 from ckpt_conformance.instrumented import InstrumentedBackend
 
 STRATEGIES = ["rename", "commit_file"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def instrumented() -> InstrumentedBackend:
-    """The real local backend, every primitive passing through test hooks."""
-    return InstrumentedBackend(LocalBackend())
-
-
-@pytest.fixture
-def backend() -> Iterator[InstrumentedBackend]:
-    b = instrumented()
-    yield b
-    for gate in b.gates.values():
-        gate.set()
 
 
 @pytest.fixture(params=STRATEGIES)

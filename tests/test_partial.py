@@ -20,11 +20,6 @@ from ckpt_conformance.instrumented import InstrumentedBackend
 STRATEGIES = ["rename", "commit_file"]
 
 
-def instrumented() -> InstrumentedBackend:
-    """The real local backend, every primitive passing through test hooks."""
-    return InstrumentedBackend(LocalBackend())
-
-
 @pytest.fixture(params=STRATEGIES)
 def atomicity(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -163,7 +158,7 @@ def test_failing_commit_leaves_partial_dir_intact(tmp_path: Path, atomicity: str
     ckpt.partial.save(path, {"b": 2}, atomicity=atomicity)
     before = snapshot(partial_save_path(path))
     op = "rename_dir:ck" if atomicity == "rename" else "create_exclusive:commit_success.txt"
-    backend = instrumented()
+    backend = InstrumentedBackend(LocalBackend())
     backend.fail_on[op] = OSError("injected commit failure")
     with pytest.raises(OSError, match="injected commit failure"):
         ckpt.partial.finalize(path, atomicity=atomicity, backend=backend)
