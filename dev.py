@@ -3,17 +3,20 @@
 
     python3 dev.py demo [DIR]     train a tiny JAX model, checkpoint every step, restore
     python3 dev.py test [ARGS]    lint, type-check and run every test (what CI runs)
+    python3 dev.py lock           update uv.lock to the newest versions the ranges allow
 
-It creates ./.venv on first use and installs ckpt, its backends, the conformance suite and
-the test tools into it (again only when a pyproject.toml changed).
+The development environment is ./.venv, built by uv from the committed uv.lock, so every
+machine and CI get the same versions. uv itself is installed with pip into
+./.venv-bootstrap on first use (unless a uv of the pinned version is already on PATH).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -21,39 +24,60 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
-STAMP = VENV / ".ckpt-installed"
-PROJECTS = [".", "conformance_tests", "backends/s3", "backends/gcs"]
+BOOTSTRAP = ROOT / ".venv-bootstrap"
+UV_VERSION = "0.13.9"
 
 
-def _fingerprint() -> str:
-    digest = hashlib.sha256()
-    for project in PROJECTS:
-        pyproject = ROOT / project / "pyproject.toml"
-        if pyproject.exists():
-            digest.update(pyproject.read_bytes())
-    return digest.hexdigest()
+def _uv() -> str:
+    """The path of a uv executable of UV_VERSION, installing it into .venv-bootstrap if needed."""
+    found = shutil.which("uv")
+    if found:
+        out = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
+        if out.split()[1:2] == [UV_VERSION]:
+            return found
+    bootstrap_bin = BOOTSTRAP / ("Scripts" if os.name == "nt" else "bin")
+    uv = bootstrap_bin / ("uv.exe" if os.name == "nt" else "uv")
+    if not uv.exists():
+        print(f"dev.py: installing uv {UV_VERSION} into {BOOTSTRAP.name}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(BOOTSTRAP)
+        subprocess.run(
+            [str(bootstrap_bin / "python"), "-m", "pip", "install", "-qq",
+             "--disable-pip-version-check", f"uv=={UV_VERSION}"],
+            check=True,
+        )
+    return str(uv)
+
+
+def _uv_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("UV_PYTHON_DOWNLOADS", "never")  # use this python3, never fetch another
+    env["UV_PROJECT_ENVIRONMENT"] = str(VENV)
+    return env
 
 
 def ensure_env() -> None:
-    if not PY.exists():
-        print("dev.py: creating .venv", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
-    fingerprint = _fingerprint()
-    if STAMP.exists() and STAMP.read_text() == fingerprint:
-        return
-    print("dev.py: installing ckpt and its test tools into .venv (about a minute)", flush=True)
-    args = [str(PY), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    editable = []
-    for project in PROJECTS:
-        if (ROOT / project / "pyproject.toml").exists():
-            spec = f"{ROOT / project}[dev]" if project == "." else str(ROOT / project)
-            editable += ["-e", spec]
-    subprocess.run([*args, *editable], check=True)
-    STAMP.write_text(fingerprint)
+    """Make ./.venv match uv.lock exactly (a no-op taking well under a second when it does)."""
+    start = time.monotonic()
+    fresh = not PY.exists()
+    if fresh:
+        print("dev.py: creating .venv from uv.lock", flush=True)
+    subprocess.run(
+        [_uv(), "sync", "--locked", "--all-packages", "--python", sys.executable,
+         *([] if fresh else ["--quiet"])],
+        cwd=ROOT, env=_uv_env(), check=True,
+    )
+    if fresh:
+        print(f"dev.py: environment ready in {time.monotonic() - start:.0f} s", flush=True)
+
+
+def lock() -> int:
+    """Re-resolve every dependency to the newest allowed version and rewrite uv.lock."""
+    return subprocess.run([_uv(), "lock", "--upgrade"], cwd=ROOT, env=_uv_env()).returncode
 
 
 def run(cmd: list[str]) -> int:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env["VIRTUAL_ENV"] = str(VENV)
     env.setdefault("JAX_PLATFORMS", "cpu")
     # gcsfs's experimental HNS path probes a gRPC API the GCS emulator lacks (~60 s per call).
     env.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -61,9 +85,11 @@ def run(cmd: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in ("demo", "test", "lock"):
         print(__doc__)
         return 2
+    if argv[0] == "lock":
+        return lock()
     ensure_env()
     if argv[0] == "demo":
         return run([str(BIN / "ckpt"), "demo", *argv[1:]])

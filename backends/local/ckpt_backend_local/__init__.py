@@ -32,7 +32,7 @@ class LocalBackend(Backend):
     """Local disk, NFS and other POSIX mounts."""
 
     scheme = "file"
-    package = "ckpt"
+    package = "ckpt-core"
     capabilities = Capabilities(
         atomic_dir_rename=True,
         conditional_put=True,
