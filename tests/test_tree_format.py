@@ -20,6 +20,8 @@ import pytest
 from upath import UPath
 
 from ckpt import tree_format as tf
+from ckpt.errors import CorruptCheckpointError
+from ckpt.manifest import MANIFEST_FILE
 from ckpt_backend_local import LocalBackend
 
 
@@ -209,7 +211,9 @@ def test_odd_keys_are_safe(backend: Any, tmp_path: Path) -> None:
     # Nothing escaped the checkpoint directory; arrays live under arrays/<index>.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     root = Path(str(ckdir))
-    assert sorted(p.name for p in root.iterdir()) == sorted([tf.ARRAYS_DIR, tf.TREE_FILE])
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [tf.ARRAYS_DIR, tf.TREE_FILE, MANIFEST_FILE]
+    )
     indices = sorted(int(p.name) for p in (root / tf.ARRAYS_DIR).iterdir())
     assert indices == list(range(len(keys)))
 
@@ -426,6 +430,8 @@ def test_second_write_to_same_directory_refused(backend: Any, ckdir: UPath) -> N
 )
 def test_malformed_json(backend: Any, ckdir: UPath, content: bytes, match: str) -> None:
     save(backend, ckdir, {"a": np.zeros(1)})
+    # Without a manifest (with one, any change to the document is corruption: test_integrity)
+    (Path(str(ckdir)) / MANIFEST_FILE).unlink()
     (Path(str(ckdir)) / tf.TREE_FILE).write_bytes(content)
     for call in (tf.tree_metadata(backend, ckdir), tf.read(backend, ckdir)):
         with pytest.raises(ValueError, match=match) as info:
@@ -443,6 +449,12 @@ def test_array_disagreeing_with_metadata(backend: Any, ckdir: UPath) -> None:
     path = Path(str(ckdir)) / tf.TREE_FILE
     doc = json.loads(path.read_text())
     doc["leaves"][0]["shape"] = [4]
+    path.write_text(json.dumps(doc))
+    # The manifest records the tree document: an edited one is corrupt.
+    with pytest.raises(CorruptCheckpointError, match=r"_TREE\.json: has"):
+        asyncio.run(tf.read(backend, ckdir))
+    # Without a manifest (a checkpoint from before manifests) the arrays are checked.
+    del doc["manifest"]
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"Leaf 'a'.*float32\(2, 2\).*metadata says"):
         load(backend, ckdir)
@@ -553,9 +565,9 @@ def direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     opened: list[str] = []
     real = tf._read_file_into
 
-    def spy(path: str, buffer: np.ndarray, file_size: int) -> None:
+    def spy(path: str, *args: Any) -> None:
         opened.append(path)
-        real(path, buffer, file_size)
+        real(path, *args)
 
     monkeypatch.setattr(tf, "_read_file_into", spy)
     return opened
@@ -567,7 +579,7 @@ def test_direct_reads_match_tensorstore(
     monkeypatch.setattr(tf, "CHUNK_BYTES", 1000)
     tree: dict[str, Any] = {np.dtype(d).name: sample(d, (50, 3)) for d in DTYPES}
     tree["rows"] = sample(np.float32, (100, 7))  # 35 rows a chunk, a partial edge chunk
-    tree["zeros"] = np.zeros((90, 4), np.float64)  # chunks equal to the fill value: no files
+    tree["zeros"] = np.zeros((90, 4), np.float64)  # chunks equal to the fill value: stored
     tree["mixed"] = np.concatenate([np.zeros((40, 5)), np.ones((40, 5))])  # one chunk missing
     tree["neg_zero"] = np.full((3, 2), -0.0, np.float32)
     tree["zero_d"] = np.array(2.5)
@@ -575,7 +587,9 @@ def test_direct_reads_match_tensorstore(
     save(backend, ckdir, tree)
     arrays = {key: f"arrays/{i}/" for i, key in enumerate(tree)}
     zeros_dir = Path(str(ckdir)) / arrays["zeros"]
-    assert [f.name for f in zeros_dir.rglob("*") if f.is_file()] == ["zarr.json"]
+    # Every chunk is stored, also one equal to the fill value (a missing one is corrupt).
+    stored = sorted(f.name for f in zeros_dir.rglob("*") if f.is_file())
+    assert stored == ["0", "0", "0", "zarr.json"]
     fast = load(backend, ckdir)
     target = dict(tree, rows=jax.ShapeDtypeStruct((100, 7), jnp.float32))
     fast_jax = load(backend, ckdir, target)
@@ -588,6 +602,15 @@ def test_direct_reads_match_tensorstore(
         assert_same_array(slow[key], value)
     assert isinstance(fast_jax["rows"], jax.Array)
     assert_same_array(fast_jax["rows"], tree["rows"])
+
+
+def as_written_before_manifests(ckdir: UPath) -> None:
+    """Make ``ckdir`` look like a tree saved before integrity manifests existed."""
+    path = Path(str(ckdir)) / tf.TREE_FILE
+    doc = json.loads(path.read_text())
+    del doc["manifest"]
+    path.write_text(json.dumps(doc))
+    (Path(str(ckdir)) / MANIFEST_FILE).unlink()
 
 
 def test_sharded_arrays_are_read_with_tensorstore(
@@ -605,6 +628,7 @@ def test_sharded_arrays_are_read_with_tensorstore(
     x = sample(np.float32, (6, 4))
     save(backend, ckdir, {"x": x})
     monkeypatch.setattr(tf.ts, "ChunkLayout", real_layout)
+    as_written_before_manifests(ckdir)
     zarr = json.loads((Path(str(ckdir)) / "arrays/0/zarr.json").read_text())
     assert [c["name"] for c in zarr["codecs"]] == ["sharding_indexed"]
     assert_same_array(load(backend, ckdir)["x"], x)

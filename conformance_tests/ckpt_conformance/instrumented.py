@@ -149,3 +149,7 @@ class InstrumentedBackend(Backend):
     async def file_size(self, path: UPath) -> int:
         await self.hook("file_size", path)
         return await self.inner.file_size(path)
+
+    async def file_sizes(self, path: UPath) -> dict[str, int]:
+        await self.hook("file_sizes", path)
+        return await self.inner.file_sizes(path)

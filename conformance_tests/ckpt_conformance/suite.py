@@ -14,6 +14,7 @@ import ckpt
 from ckpt import _sync
 from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE
 from ckpt.registry import resolve, supported_strategies
+from ckpt_conformance.integrity import IntegrityConformance
 
 STRATEGIES = ("rename", "commit_file")
 
@@ -22,7 +23,7 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-class BackendConformance:
+class BackendConformance(IntegrityConformance):
     """Base class of the suite. Subclasses provide the ``ckpt_root`` fixture."""
 
     # -- fixtures a backend provides or overrides -----------------------------------------

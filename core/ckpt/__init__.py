@@ -8,6 +8,7 @@ from ckpt.backend import Backend, Capabilities, Entry
 from ckpt.errors import (
     BackendNotInstalledError,
     CommitConflictError,
+    CorruptCheckpointError,
     UnknownStrategyError,
     UnsafePathError,
     UnsupportedStrategyError,
@@ -15,6 +16,7 @@ from ckpt.errors import (
 )
 from ckpt.hookspecs import hookimpl
 from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE, TMP_DIR_SUFFIX
+from ckpt.manifest import MANIFEST_FILE
 from ckpt.registry import (
     get_backend,
     get_strategy,
@@ -58,12 +60,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMMIT_SUCCESS_FILE",
+    "MANIFEST_FILE",
     "METADATA_FILE",
     "TMP_DIR_SUFFIX",
     "Backend",
     "BackendNotInstalledError",
     "Capabilities",
     "CommitConflictError",
+    "CorruptCheckpointError",
     "Entry",
     "FileOptions",
     "Metadata",

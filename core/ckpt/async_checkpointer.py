@@ -95,10 +95,16 @@ class AsyncCheckpointer(Checkpointer):
         post_finalization_callback: Callable[[], None] | None = None,
         file_options: FileOptions | None = None,
         backend: Backend | None = None,
+        verify_checksums: bool | None = None,
     ) -> None:
         if timeout_secs <= 0:
             raise ValueError(f"timeout_secs must be positive, got {timeout_secs}.")
-        super().__init__(atomicity, file_options=file_options, backend=backend)
+        super().__init__(
+            atomicity,
+            file_options=file_options,
+            backend=backend,
+            verify_checksums=verify_checksums,
+        )
         self._timeout_secs = float(timeout_secs)
         self._post_finalization_callback = post_finalization_callback
         self._lock = threading.Lock()  # guards the fields below

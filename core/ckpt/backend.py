@@ -202,6 +202,31 @@ class Backend(abc.ABC):
     async def file_size(self, path: UPath) -> int:
         return len(await self.read_bytes(path))
 
+    async def file_sizes(self, path: UPath) -> dict[str, int]:
+        """Size in bytes of every file under ``path``, by ``/``-separated path relative to
+        ``path`` (recursive; symlinks skipped; empty if ``path`` is missing).
+
+        Integrity checks call this once per restore, so backends should override it with
+        one listing (a recursive LIST on object stores) instead of this default, which
+        lists each directory and asks for each file's size."""
+        out: dict[str, int] = {}
+
+        async def walk(directory: UPath, prefix: str) -> None:
+            try:
+                entries = await self.list_dir(directory)
+            except FileNotFoundError:
+                return
+            for entry in entries:
+                if entry.is_link:
+                    continue
+                if entry.is_dir:
+                    await walk(directory / entry.name, f"{prefix}{entry.name}/")
+                else:
+                    out[prefix + entry.name] = await self.file_size(directory / entry.name)
+
+        await walk(path, "")
+        return out
+
     # -- array data ----------------------------------------------------------
     @abc.abstractmethod
     def kvstore_spec(self, path: UPath) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from upath import UPath
 from ckpt import _progress, _timing, tree_format
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
-from ckpt.errors import CommitConflictError
+from ckpt.errors import CommitConflictError, CorruptCheckpointError
+from ckpt.manifest import MANIFEST_FILE
 from ckpt.paths import to_path
 from ckpt.registry import Resolution, resolve
 from ckpt.step_metadata import StepMetadata, read_step_metadata
@@ -141,7 +142,14 @@ async def write_and_commit(request: SaveRequest) -> None:
         request.phase = "write"
         with _timing.timed("write", path=final):
             assert request.prepared is not None, "a save request is written only once"
-            await tree_format.write(backend, tmp.get(), request.prepared, progress=request.progress)
+            # The strategy stores the manifest (with the step metadata) at finalize.
+            tmp.manifest = await tree_format.write(
+                backend,
+                tmp.get(),
+                request.prepared,
+                progress=request.progress,
+                store_manifest=False,
+            )
         request.phase = "commit"
         with _timing.timed("commit", path=final):
             if request.force and await backend.exists(final):
@@ -197,9 +205,22 @@ async def restore_async(
     """Read the committed checkpoint at ``final`` (see :meth:`Checkpointer.restore`)."""
     content = await committed_content(resolution, final)
     try:
-        return await tree_format.read(resolution.backend, content, target, progress=progress)
+        return await tree_format.read(
+            resolution.backend,
+            content,
+            target,
+            progress=progress,
+            verify_checksums=resolution.verify_checksums,
+            checkpoint=str(final),
+        )
     except FileNotFoundError as exc:
         if not await resolution.backend.exists(content / tree_format.TREE_FILE):
+            if await resolution.backend.exists(content / MANIFEST_FILE):
+                raise CorruptCheckpointError(
+                    str(final),
+                    [f"{content / tree_format.TREE_FILE}: missing (recorded in its manifest)"],
+                    file=str(content / tree_format.TREE_FILE),
+                ) from exc
             raise ValueError(
                 f"Checkpoint {final} is committed but holds no ckpt tree "
                 f"({tree_format.TREE_FILE} is missing in {content}); it was probably "
@@ -240,6 +261,10 @@ class Checkpointer:
             scheme (e.g. a wrapper that instruments storage calls).
         progress: show a progress bar (on stderr) while arrays are written or read;
             None shows one on a terminal for trees of 256 MiB and more.
+        verify_checksums: restores check the CRC32C of every file read against the
+            checkpoint's integrity manifest (presence and size are always checked); None
+            follows the configuration (``verify_checksums`` key, default false). See
+            docs/integrity.md for the cost.
 
     Example::
 
@@ -259,8 +284,10 @@ class Checkpointer:
         file_options: FileOptions | None = None,
         backend: Backend | None = None,
         progress: bool | None = None,
+        verify_checksums: bool | None = None,
     ) -> None:
         self._atomicity = atomicity
+        self._verify_checksums = verify_checksums
         self._progress = progress
         self._file_options = file_options or FileOptions()
         self._backend = backend
@@ -269,7 +296,12 @@ class Checkpointer:
     # -- helpers -------------------------------------------------------------------------
     def _resolve(self, path: Any) -> tuple[UPath, Resolution]:
         final = to_path(path)
-        return final, resolve(final, self._atomicity, backend=self._backend)
+        return final, resolve(
+            final,
+            self._atomicity,
+            backend=self._backend,
+            verify_checksums=self._verify_checksums,
+        )
 
     def _prepare(
         self, path: Any, tree: Any, *, force: bool, custom_metadata: dict[str, Any] | None
@@ -362,6 +394,9 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: nothing exists at ``path``.
+            ckpt.CorruptCheckpointError: a file the save recorded in the checkpoint's
+                manifest is missing or has another size (or, with ``verify_checksums``,
+                another CRC32C); it names the step, the leaf and the file.
             ValueError: ``path`` is not a committed checkpoint (temporary or unknown), or
                 does not match ``target``.
         """

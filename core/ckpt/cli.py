@@ -166,8 +166,15 @@ def verify(
     path: Annotated[str, typer.Argument(help="A checkpoint (path or URL).")],
     atomicity: Annotated[str | None, typer.Option(help="Strategy to judge commits by.")] = None,
 ) -> None:
-    """Check that a checkpoint is committed and every array in it reads back."""
+    """Check a committed checkpoint against its integrity manifest: every file present,
+    with its recorded size and CRC32C.
+
+    Exit status: 0 all files match; 1 a problem (each printed on its own line); 2 nothing to
+    verify against (a checkpoint written before manifests, or by another tool such as
+    Orbax).
+    """
     from ckpt import tree_format
+    from ckpt.manifest import MANIFEST_FILE, check_files, read_manifest
 
     final = to_path(path)
     res = registry.resolve(final, atomicity)
@@ -177,17 +184,52 @@ def verify(
         raise typer.Exit(1)
     where = _sync.run(content_path(res.backend, final))
     try:
-        meta = _sync.run(read_step_metadata(res.backend, where))
-        tree_meta = _sync.run(tree_format.tree_metadata(res.backend, where))
-        leaves = tree_meta.get("leaves", [])
-        with _progress.byte_progress(f"reading {final}", _progress.wanted(None)) as bar:
-            _sync.run(tree_format.read(res.backend, where, progress=bar))
-    except Exception as exc:
-        _io.err.print(f"[red]{final}: {type(exc).__name__}: {exc}[/]")
+        manifest = _sync.run(read_manifest(res.backend, where))
+    except ValueError as exc:
+        _io.out.print(f"[red]CORRUPT[/] {where / MANIFEST_FILE}: {exc}")
         raise typer.Exit(1) from exc
+    if manifest is None:
+        try:
+            doc = _sync.run(tree_format.tree_metadata(res.backend, where))
+        except FileNotFoundError:
+            _io.out.print(
+                f"[yellow]UNVERIFIED[/] {final}: no {MANIFEST_FILE} and no "
+                f"{tree_format.TREE_FILE}: written by another tool (e.g. Orbax); there is "
+                "nothing to verify its files against."
+            )
+            raise typer.Exit(2) from None
+        except ValueError as exc:
+            _io.out.print(f"[red]CORRUPT[/] {where / tree_format.TREE_FILE}: {exc}")
+            raise typer.Exit(1) from exc
+        if doc.get("manifest") is not None:
+            _io.out.print(
+                f"[red]CORRUPT[/] {where / MANIFEST_FILE}: missing (the tree document says "
+                "the save recorded one)"
+            )
+            raise typer.Exit(1)
+        _io.out.print(
+            f"[yellow]UNVERIFIED[/] {final}: written before integrity manifests (no "
+            f"{MANIFEST_FILE}); sizes and checksums cannot be checked. Save it again with "
+            "this version of ckpt to protect it."
+        )
+        raise typer.Exit(2)
+    total = sum(r.size for r in manifest.files.values())
+    with _progress.byte_progress(f"verifying {final}", _progress.wanted(None, total)) as bar:
+        problems = _sync.run(check_files(res.backend, where, manifest, progress=bar))
+    if problems:
+        for p in problems:
+            _io.out.print(
+                f"[red]CORRUPT[/] {where / p.relpath}: {p.detail}", highlight=False, soft_wrap=True
+            )
+        _io.err.print(
+            f"[red]{final}: {len(problems)} of {len(manifest.files)} file(s) do not match "
+            "the manifest[/]"
+        )
+        raise typer.Exit(1)
+    meta = _sync.run(read_step_metadata(res.backend, where))
     _io.out.print(
         f"[green]OK[/] {final}: committed {_when(meta.commit_timestamp_nsecs if meta else None)},"
-        f" {len(leaves)} leaves, {_human(_sync.run(res.backend.tree_size(where)))}"
+        f" {len(manifest.files)} files, {_human(total)}, sizes and CRC32C match the manifest"
     )
 
 

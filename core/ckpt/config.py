@@ -4,6 +4,11 @@ Precedence for ``atomicity`` (highest first): the ``atomicity=`` argument, the
 ``CKPT_ATOMICITY`` environment variable, a config file, the backend's default (``auto``).
 In a config file a per-backend value (``[backends.<scheme>]``) beats the global one.
 
+``verify_checksums`` (bool, default false): restores check the CRC32C of every file they
+read against the checkpoint's integrity manifest. Precedence: the ``verify_checksums=``
+argument, ``CKPT_VERIFY_CHECKSUMS`` (``1``/``true``/``0``/``false``), ``[backends.<scheme>]``,
+the top level of the config file.
+
 Config files follow ruff's convention: ``CKPT_CONFIG`` names a file; otherwise
 ``./ckpt.toml`` (top-level keys) or ``[tool.ckpt]`` in ``./pyproject.toml``.
 """
@@ -21,6 +26,9 @@ __all__ = ["AUTO", "Config", "load_config"]
 AUTO = "auto"
 ENV_ATOMICITY = "CKPT_ATOMICITY"
 ENV_CONFIG = "CKPT_CONFIG"
+ENV_VERIFY_CHECKSUMS = "CKPT_VERIFY_CHECKSUMS"
+#: Keys of a ``[backends.<scheme>]`` table that configure ckpt itself, not the backend.
+CORE_KEYS = ("atomicity", "verify_checksums")
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,19 @@ class Config:
         merged: dict[str, Any] = {}
         for _, table in reversed(self._tables(schemes)):
             merged.update(table)
-        merged.pop("atomicity", None)
+        for key in CORE_KEYS:
+            merged.pop(key, None)
         return merged
+
+    def value(self, key: str, *schemes: str) -> tuple[Any, str]:
+        """``(value, where)`` of ``key``: a backend table first, then the top level;
+        ``(None, "")`` if unset."""
+        for scheme, table in self._tables(schemes):
+            if key in table:
+                return table[key], f"{self.source} [backends.{scheme}]"
+        if key in self.values:
+            return self.values[key], f"{self.source}"
+        return None, ""
 
     def atomicity(self, *schemes: str) -> tuple[str | None, str]:
         """``(value, where it came from)`` of the config-file atomicity for a backend known
@@ -119,3 +138,29 @@ def resolve_atomicity(
     if value is not None:
         return value, where
     return AUTO, "default"
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _as_bool(value: Any, key: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"Invalid {key!r} in {where}: expected true or false, got {value!r}.")
+
+
+def resolve_verify_checksums(
+    schemes: tuple[str, ...], verify_checksums: bool | None = None, config: Config | None = None
+) -> bool:
+    """Whether restores check CRC32C (see the module docstring for the precedence)."""
+    if verify_checksums is not None:
+        return bool(verify_checksums)
+    env = os.environ.get(ENV_VERIFY_CHECKSUMS)
+    if env:
+        return _as_bool(env, "verify_checksums", f"${ENV_VERIFY_CHECKSUMS}")
+    config = config if config is not None else load_config()
+    value, where = config.value("verify_checksums", *schemes)
+    return False if value is None else _as_bool(value, "verify_checksums", where)

@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "BackendNotInstalledError",
     "CommitConflictError",
+    "CorruptCheckpointError",
     "UnknownStrategyError",
     "UnsafePathError",
     "UnsupportedStrategyError",
@@ -40,3 +41,38 @@ class BackendNotInstalledError(ValueError):
 
 class UnsafePathError(ValueError):
     """A name would escape its base directory, or a path is a symlink where none is allowed."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A committed checkpoint's files do not match what its save recorded.
+
+    Raised by restores (and reported by ``ckpt verify``) when a file listed in the
+    checkpoint's integrity manifest is missing, has another size, or (with
+    ``verify_checksums``) another CRC32C. ckpt never returns data from such a checkpoint.
+
+    Attributes:
+        checkpoint: the checkpoint (step) path.
+        problems: one line per bad file, ``"<file>: <what is wrong>"``.
+        leaf: the leaf path of the first bad file, or None if it belongs to no leaf.
+        file: the first bad file's full path.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        problems: list[str],
+        *,
+        leaf: str | None = None,
+        file: str | None = None,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.problems = list(problems)
+        self.leaf = leaf
+        self.file = file
+        where = f" (leaf {leaf!r})" if leaf else ""
+        more = f"; {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+        super().__init__(
+            f"Corrupt checkpoint {checkpoint}{where}: {problems[0] if problems else '?'}"
+            f"{more}. Restore from another step; `ckpt verify {checkpoint}` lists every "
+            "problem."
+        )

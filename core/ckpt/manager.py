@@ -58,6 +58,8 @@ class CheckpointManager:
         timeout_secs: limit of one background save (with ``async_save``).
         file_options: options for created directories.
         backend: a backend instance to use instead of the registered one.
+        verify_checksums: restores check every file's CRC32C against the manifest (see
+            :class:`ckpt.Checkpointer`); None follows the configuration.
 
     Example::
 
@@ -82,6 +84,7 @@ class CheckpointManager:
         timeout_secs: float = 1200,
         file_options: FileOptions | None = None,
         backend: Backend | None = None,
+        verify_checksums: bool | None = None,
     ) -> None:
         self._start_ns = time.time_ns()
         if max_to_keep is not None and max_to_keep < 1:
@@ -106,9 +109,15 @@ class CheckpointManager:
                 timeout_secs=timeout_secs,
                 file_options=file_options,
                 backend=backend,
+                verify_checksums=verify_checksums,
             )
         else:
-            checkpointer = Checkpointer(atomicity, file_options=file_options, backend=backend)
+            checkpointer = Checkpointer(
+                atomicity,
+                file_options=file_options,
+                backend=backend,
+                verify_checksums=verify_checksums,
+            )
         self._checkpointer = checkpointer
         self._lock = threading.Lock()
         self._steps: dict[int, UPath] = {}  # committed steps known to this manager

@@ -58,6 +58,7 @@ from ckpt.backend import Backend
 from ckpt.checkpointer import ITEM_HANDLERS, check_custom_metadata, occupied, write_and_commit
 from ckpt.checkpointer import SaveRequest as _SaveRequest
 from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE, unique_token
+from ckpt.manifest import MANIFEST_FILE, Manifest, read_manifest
 from ckpt.paths import to_path
 from ckpt.registry import Resolution, resolve
 from ckpt.step_metadata import StepMetadata, read_step_metadata
@@ -291,6 +292,35 @@ async def _committed_pieces(resolution: Resolution, session: UPath) -> list[_Pie
     return list(await asyncio.gather(*(load(n) for n in names)))
 
 
+async def _merged_manifest(
+    backend: Backend, contents: list[tuple[UPath, str]]
+) -> Manifest | None:
+    """The pieces' manifests (``(content dir, prefix)``) merged, paths under their prefix;
+    None if a piece has none (written before manifests: the merge cannot claim one)."""
+    found = await asyncio.gather(*(read_manifest(backend, c) for c, _ in contents))
+    if any(m is None for m in found):
+        return None
+    merged = Manifest()
+    for (_, prefix), manifest in zip(contents, found, strict=True):
+        assert manifest is not None
+        merged.merge(manifest, prefix)
+    return merged
+
+
+async def _write_merged_tree(
+    backend: Backend, directory: UPath, doc: dict[str, Any], manifest: Manifest | None
+) -> Manifest | None:
+    """Write the merged tree document; return the manifest to commit with it (the
+    caller's strategy adds the step metadata and stores it at finalize)."""
+    if manifest is not None:
+        doc = dict(doc, manifest=MANIFEST_FILE)
+    raw = _encode(doc)
+    await backend.write_bytes(directory / tree_format.TREE_FILE, raw)
+    if manifest is not None:
+        manifest.add(tree_format.TREE_FILE, raw)
+    return manifest
+
+
 def _encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, ensure_ascii=True, allow_nan=False).encode()
 
@@ -303,6 +333,7 @@ async def _commit_session_in_place(
     # Temporaries of interrupted piece saves would end up inside the checkpoint.
     await cleanup_temporary_paths_async(session, backend)
     doc = _merge_docs([(p.name, p.content.name, p.doc) for p in pieces])
+    manifest = await _merged_manifest(backend, [(p.content, p.content.name) for p in pieces])
     strategy: type[TemporaryPath] = resolution.strategy
 
     class _SessionCommit(strategy):  # type: ignore[misc, valid-type]
@@ -312,12 +343,12 @@ async def _commit_session_in_place(
     tmp = _SessionCommit(session, final, backend=backend)
     tmp.metadata = _merge_metadata(pieces)
     tmp.metadata.init_timestamp_nsecs = tmp.metadata.init_timestamp_nsecs or time.time_ns()
-    await backend.write_bytes(session / tree_format.TREE_FILE, _encode(doc))
+    tmp.manifest = await _write_merged_tree(backend, session, doc, manifest)
     try:
         await tmp.finalize()
     except BaseException:
         if await backend.exists(session):  # not renamed: restore the session as it was
-            for name in (tree_format.TREE_FILE, METADATA_FILE, COMMIT_SUCCESS_FILE):
+            for name in (tree_format.TREE_FILE, METADATA_FILE, COMMIT_SUCCESS_FILE, MANIFEST_FILE):
                 try:
                     await backend.remove_file(session / name)
                 except Exception as exc:
@@ -338,14 +369,20 @@ async def _commit_copy(
         tmp.metadata.init_timestamp_nsecs = first_init
     try:
         copied = []
+        manifest = Manifest()
         for piece in pieces:  # one piece in memory at a time
             tree = await tree_format.read(backend, piece.content)
             prepared = await asyncio.to_thread(tree_format.prepare, tree)
-            await tree_format.write(backend, tmp.get() / piece.name, prepared)
+            written = await tree_format.write(
+                backend, tmp.get() / piece.name, prepared, store_manifest=False
+            )
+            manifest.merge(written, piece.name)
             del tree, prepared
             doc = await tree_format.tree_metadata(backend, tmp.get() / piece.name)
             copied.append((piece.name, piece.name, doc))
-        await backend.write_bytes(tmp.get() / tree_format.TREE_FILE, _encode(_merge_docs(copied)))
+        tmp.manifest = await _write_merged_tree(
+            backend, tmp.get(), _merge_docs(copied), manifest
+        )
         await tmp.finalize()
     except BaseException:
         try:

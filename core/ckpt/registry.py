@@ -128,13 +128,23 @@ class Resolution:
     strategy: type[TemporaryPath]
     name: str
     source: str
+    #: Whether restores check the CRC32C of every file (``verify_checksums``).
+    verify_checksums: bool = False
 
 
 def resolve(
-    location: Any, atomicity: str | None = None, *, backend: Backend | None = None
+    location: Any,
+    atomicity: str | None = None,
+    *,
+    backend: Backend | None = None,
+    verify_checksums: bool | None = None,
 ) -> Resolution:
-    """Backend, strategy and where the setting came from, for ``location``."""
+    """Backend, strategy, where the setting came from, and the read checks, for
+    ``location``."""
     config = config_lib.load_config()
+    verify = config_lib.resolve_verify_checksums(
+        (scheme_of(location),), verify_checksums, config
+    )
     backend = backend or get_backend(location, config=config)
     name, source = config_lib.resolve_atomicity(
         (scheme_of(location), type(backend).scheme), atomicity, config
@@ -151,7 +161,9 @@ def resolve(
             f"backend for {location}: it needs {', '.join(missing)}, which this store does not "
             f"have. Strategies that work here: {', '.join(works) or 'none'}."
         )
-    return Resolution(backend=backend, strategy=strategy, name=name, source=source)
+    return Resolution(
+        backend=backend, strategy=strategy, name=name, source=source, verify_checksums=verify
+    )
 
 
 @dataclass(frozen=True)

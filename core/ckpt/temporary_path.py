@@ -19,10 +19,12 @@ from upath import UPath
 from ckpt.backend import Backend, Entry
 from ckpt.layout import (
     COMMIT_SUCCESS_FILE,
+    METADATA_FILE,
     WRITERS_DIR,
     temporary_name,
     writer_dir_from_marker,
 )
+from ckpt.manifest import MANIFEST_FILE, Manifest
 from ckpt.paths import to_path
 from ckpt.step_metadata import StepMetadata, write_step_metadata
 
@@ -79,6 +81,10 @@ class TemporaryPath(abc.ABC):
         #: Set by a forced save: a committed checkpoint at the final path is deleted just
         #: before the commit, so ``create`` must not refuse it.
         self.replace_existing = False
+        #: The integrity manifest of what the save wrote under :meth:`get` (set by the
+        #: checkpointer before :meth:`finalize`); :meth:`_write_commit_metadata` adds the
+        #: step metadata to it and stores it, before the commit.
+        self.manifest: Manifest | None = None
         self._created = False
 
     # -- construction (no I/O) ----------------------------------------------------------
@@ -134,8 +140,14 @@ class TemporaryPath(abc.ABC):
         await write_step_metadata(self.backend, self.get(), self.metadata)
 
     async def _write_commit_metadata(self) -> None:
+        """Write the final step metadata and then the integrity manifest (if the save
+        recorded one). Strategies call this in :meth:`finalize`, before the commit."""
         self.metadata.commit_timestamp_nsecs = time.time_ns()
-        await write_step_metadata(self.backend, self.get(), self.metadata)
+        data = self.metadata.to_json()
+        await self.backend.write_bytes(self.get() / METADATA_FILE, data)
+        if self.manifest is not None:
+            self.manifest.add(METADATA_FILE, data)
+            await self.backend.write_bytes(self.get() / MANIFEST_FILE, self.manifest.to_bytes())
 
     # -- validation -----------------------------------------------------------------------
     @classmethod

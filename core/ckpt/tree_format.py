@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -60,6 +61,19 @@ import tensorstore as ts
 from upath import UPath
 
 from ckpt.backend import Backend
+from ckpt.errors import CorruptCheckpointError
+from ckpt.manifest import (
+    MANIFEST_FILE,
+    FileRecord,
+    Manifest,
+    Problem,
+    checksum_problem,
+    compare_sizes,
+    crc32c,
+    crc32c_extend,
+    crc32c_zeros,
+    read_manifest,
+)
 
 __all__ = [
     "ARRAYS_DIR",
@@ -177,6 +191,9 @@ class PreparedTree:
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
+            # The checkpoint's integrity manifest, written before its commit, at the top of
+            # the content directory (readers of checkpoints without this key check nothing).
+            "manifest": MANIFEST_FILE,
             "structure": self.structure,
             "leaves": self.leaves,
         }
@@ -359,27 +376,73 @@ def _decode_float(x: Any) -> float:
 # -- writing --------------------------------------------------------------------------
 
 
-def _array_spec(backend: Backend, directory: UPath, subpath: str) -> dict[str, Any]:
-    path = directory
-    for part in subpath.split("/"):
-        path = path / part
-    return {"driver": "zarr3", "kvstore": backend.kvstore_spec(path)}
-
-
 async def _host_data(item: _ArrayItem) -> Any:
     if isinstance(item.data, jax.Array):
         # The device-to-host copy was started by prepare(); wait for it off the loop.
         return await asyncio.to_thread(np.asarray, item.data)
+    if isinstance(item.data, list):
+        # Shards of a multi-device CPU array: one host array, so that each chunk's bytes
+        # (and checksum) come from one place.
+        full = np.empty(item.shape, item.dtype)
+        for index, view in item.data:
+            full[tuple(index)] = view
+        return full
     return item.data
+
+
+def _chunk_key(index: tuple[int, ...]) -> str:
+    """zarr3's default chunk key (``c/0/1``; ``c`` for a 0-d array)."""
+    return "/".join(("c", *map(str, index)))
+
+
+def _chunk_records(data: np.ndarray, chunks: tuple[int, ...]) -> dict[str, FileRecord]:
+    """Size and CRC32C of every chunk file tensorstore writes for ``data``, computed from
+    ``data`` itself: a zarr3 chunk (``bytes`` codec, little-endian, no compression) holds
+    the chunk's elements in C order, edge chunks padded with the fill value (zero) to the
+    full chunk shape. Keys are chunk keys relative to the array directory."""
+    shape = data.shape
+    if 0 in shape:
+        return {}
+    if sys.byteorder != "little" and data.dtype.itemsize > 1:
+        data = data.astype(data.dtype.newbyteorder("<"))
+    chunk_bytes = math.prod(chunks) * data.dtype.itemsize
+    grid = [range(-(-n // c)) for n, c in zip(shape, chunks, strict=True)]
+    records = {}
+    for index in itertools.product(*grid):
+        bounds = zip(index, chunks, shape, strict=True)
+        region = data[tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in bounds)]
+        if region.flags.c_contiguous and region.shape[1:] == tuple(chunks[1:]):
+            # The chunk's bytes are one contiguous run of ``data``, then zero padding.
+            crc = crc32c(region.reshape(-1).view(np.uint8))
+            crc = crc32c_zeros(crc, chunk_bytes - region.nbytes)
+        else:
+            padded = np.zeros(chunks, data.dtype)
+            padded[tuple(slice(0, n) for n in region.shape)] = region
+            crc = crc32c(padded.reshape(-1).view(np.uint8))
+        records[_chunk_key(index)] = FileRecord(chunk_bytes, crc)
+    return records
+
+
+def _array_spec(backend: Backend, directory: UPath, subpath: str) -> dict[str, Any]:
+    return {"driver": "zarr3", "kvstore": backend.kvstore_spec(_subpath(directory, subpath))}
 
 
 async def _write_array(
     backend: Backend, directory: UPath, item: _ArrayItem, context: ts.Context
-) -> None:
+) -> dict[str, FileRecord]:
+    """Write one array: ``zarr.json`` through the backend, the chunks with tensorstore.
+
+    Returns the manifest records of the files written (relative to ``directory``)."""
+    spec = _array_spec(backend, directory, item.subpath)
+    # Every chunk is stored, also one equal to the fill value, so a missing chunk file
+    # is always an error, never "zeros".
+    spec["store_data_equal_to_fill_value"] = True
     store = await ts.open(
-        _array_spec(backend, directory, item.subpath),
-        create=True,
-        delete_existing=False,
+        spec,
+        # The metadata is computed here, not read or written by tensorstore: ckpt writes
+        # zarr.json itself (one request, and its bytes are in hand for the manifest).
+        open=True,
+        assume_metadata=True,
         dtype=ts.dtype(item.dtype),
         shape=list(item.shape),
         # Plain chunks: with only a write chunk shape, tensorstore stores large arrays as
@@ -387,18 +450,34 @@ async def _write_array(
         chunk_layout=ts.ChunkLayout(chunk_shape=list(item.chunks)),
         context=context,
     )
-    if 0 in item.shape:
-        return
-    data = await _host_data(item)
-    if isinstance(data, list):
-        await asyncio.gather(
-            *(
-                store[tuple(index)].write(view, can_reference_source_data_indefinitely=True)
-                for index, view in data
-            )
+    zarr_json = json.dumps(store.spec().to_json()["metadata"]).encode()
+    array_dir = _subpath(directory, item.subpath)
+    records = {f"{item.subpath}/zarr.json": FileRecord(len(zarr_json), crc32c(zarr_json))}
+    try:
+        # Created, never replaced: an existing array is refused before any chunk is written.
+        await backend.create_exclusive(array_dir / "zarr.json", zarr_json)
+    except FileExistsError:
+        raise ValueError(
+            f"An array already exists at {array_dir}; write a tree to a fresh directory."
+        ) from None
+    if 0 not in item.shape:
+        data = await _host_data(item)
+        checksums = asyncio.ensure_future(
+            asyncio.to_thread(_chunk_records, np.asarray(data), item.chunks)
         )
-    else:
-        await store.write(data, can_reference_source_data_indefinitely=True)
+        try:
+            await store.write(data, can_reference_source_data_indefinitely=True)
+        finally:
+            chunk_records = await checksums
+        records.update({f"{item.subpath}/{k}": r for k, r in chunk_records.items()})
+    return records
+
+
+def _subpath(directory: UPath, subpath: str) -> UPath:
+    path = directory
+    for part in subpath.split("/"):
+        path = path / part
+    return path
 
 
 async def write(
@@ -408,32 +487,57 @@ async def write(
     *,
     durable: bool = True,
     progress: Callable[[int, int], None] | None = None,
-) -> None:
+    store_manifest: bool = True,
+) -> Manifest:
     """Write ``prepared`` under ``directory``: all arrays concurrently, then :data:`TREE_FILE`.
 
-    Arrays are zarr3 arrays (uncompressed, plain chunks of up to :data:`CHUNK_BYTES`) written
-    through ``backend.kvstore_spec``; with ``durable`` tensorstore fsyncs what it writes
-    on local files. Existing arrays are never replaced (write to a fresh directory).
-    Making the JSON file and the directory entries durable is the job of the caller's
-    commit (``backend.sync_tree``). ``progress(advance_bytes, total_bytes)`` is called as
-    arrays finish.
+    Arrays are zarr3 arrays (uncompressed, plain chunks of up to :data:`CHUNK_BYTES`, every
+    chunk stored) whose chunks are written through ``backend.kvstore_spec``; with
+    ``durable`` tensorstore fsyncs what it writes on local files. Existing arrays are never
+    replaced (write to a fresh directory). Making the JSON file and the directory entries
+    durable is the job of the caller's commit (``backend.sync_tree``).
+    ``progress(advance_bytes, total_bytes)`` is called as arrays finish.
+
+    Returns:
+        The manifest of every file written (paths relative to ``directory``), with sizes
+        and CRC32C computed from the bytes in memory. With ``store_manifest`` it is also
+        written to ``directory``/:data:`ckpt.manifest.MANIFEST_FILE`; a checkpointer passes
+        False, adds the step metadata and has the strategy store it before the commit.
+
+    Raises:
+        OSError: a write failed. Every write of this call has finished (or been cancelled)
+            before the error is raised, so nothing writes into ``directory`` afterwards.
     """
     await backend.mkdir(directory, parents=True, exist_ok=True)
     context = ts.Context(
         {"file_io_sync": bool(durable), "file_io_concurrency": {"limit": FILE_IO_CONCURRENCY}}
     )
     total = tree_nbytes(prepared)
+    manifest = Manifest()
 
     async def one(item: _ArrayItem) -> None:
-        await _write_array(backend, directory, item, context)
+        records = await _write_array(backend, directory, item, context)
+        manifest.files.update(records)
         if progress is not None:
             progress(int(np.prod(item.shape)) * item.dtype.itemsize, total)
 
     if progress is not None:
         progress(0, total)
-    await asyncio.gather(*(one(a) for a in prepared.arrays))
+    tasks = [asyncio.ensure_future(one(a)) for a in prepared.arrays]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # Never leave a write running into a directory the caller is about to discard.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     data = json.dumps(prepared.metadata(), ensure_ascii=True, allow_nan=False).encode()
     await backend.write_bytes(directory / TREE_FILE, data)
+    manifest.add(TREE_FILE, data)
+    if store_manifest:
+        await backend.write_bytes(directory / MANIFEST_FILE, manifest.to_bytes())
+    return manifest
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -543,15 +647,19 @@ async def tree_metadata(backend: Backend, directory: UPath) -> dict[str, Any]:
     """The validated contents of ``directory``'s :data:`TREE_FILE` (no array reads).
 
     Keys: ``format``, ``version``, ``structure`` (nested ``{"type": "dict"|"list"|"tuple",
-    ...}`` / ``{"type": "leaf", "index": i}`` nodes) and ``leaves`` (per-leaf metadata).
+    ...}`` / ``{"type": "leaf", "index": i}`` nodes), ``leaves`` (per-leaf metadata) and,
+    in checkpoints written with an integrity manifest, ``manifest`` (its file name).
 
     Raises:
         FileNotFoundError: there is no :data:`TREE_FILE`.
         ValueError: the file is not valid JSON or not a supported format version; the
             message names the file.
     """
+    return _parse_tree_document(await backend.read_bytes(directory / TREE_FILE), directory)
+
+
+def _parse_tree_document(raw: bytes, directory: UPath) -> dict[str, Any]:
     path = directory / TREE_FILE
-    raw = await backend.read_bytes(path)
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -669,21 +777,151 @@ def _scalar_value(meta: dict[str, Any]) -> Any:
     return meta["value"]
 
 
+# -- integrity checks on read -----------------------------------------------------------
+
+
+def _array_dir_of(relpath: str) -> str | None:
+    """The array directory (e.g. ``arrays/3``) of a zarr file path, else None."""
+    if relpath.endswith("/zarr.json"):
+        return relpath[: -len("/zarr.json")]
+    if relpath.endswith("/c"):
+        return relpath[:-2]
+    if "/c/" in relpath:
+        return relpath.split("/c/", 1)[0]
+    return None
+
+
+class _Integrity:
+    """The manifest of the checkpoint being read, and the checks made against it."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        directory: UPath,
+        manifest: Manifest,
+        leaves: list[dict[str, Any]],
+        *,
+        verify_checksums: bool,
+        checkpoint: str,
+    ) -> None:
+        self.backend = backend
+        self.directory = directory
+        self.manifest = manifest
+        self.verify_checksums = verify_checksums
+        self.checkpoint = checkpoint
+        self.keypaths = {m["path"]: m["keypath"] for m in leaves if "path" in m}
+        self.files_of: dict[str, list[str]] = {}
+        for rel in manifest.files:
+            array_dir = _array_dir_of(rel)
+            if array_dir is not None:
+                self.files_of.setdefault(array_dir, []).append(rel)
+
+    @classmethod
+    async def load(
+        cls,
+        backend: Backend,
+        directory: UPath,
+        doc: dict[str, Any],
+        *,
+        verify_checksums: bool,
+        checkpoint: str,
+    ) -> _Integrity:
+        name = doc["manifest"]
+        if name != MANIFEST_FILE:
+            raise ValueError(f"Malformed tree metadata {directory / TREE_FILE}: unknown "
+                             f"manifest {name!r}.")
+        path = directory / MANIFEST_FILE
+        try:
+            raw = await backend.read_bytes(path)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                checkpoint,
+                [f"{path}: missing (the tree document says the save recorded a manifest)"],
+                file=str(path),
+            ) from None
+        try:
+            manifest = Manifest.from_bytes(raw, str(path))
+        except ValueError as exc:
+            raise CorruptCheckpointError(checkpoint, [str(exc)], file=str(path)) from None
+        return cls(
+            backend,
+            directory,
+            manifest,
+            doc["leaves"],
+            verify_checksums=verify_checksums,
+            checkpoint=checkpoint,
+        )
+
+    def leaf_of(self, relpath: str) -> str | None:
+        array_dir = _array_dir_of(relpath)
+        keypath = self.keypaths.get(array_dir) if array_dir is not None else None
+        return _display(keypath) if keypath is not None else None
+
+    def fail(self, problems: list[Problem]) -> CorruptCheckpointError:
+        first = problems[0]
+        return CorruptCheckpointError(
+            self.checkpoint,
+            [f"{self.directory / p.relpath}: {p.detail}" for p in problems],
+            leaf=self.leaf_of(first.relpath),
+            file=str(self.directory / first.relpath),
+        )
+
+    async def check_sizes(self, tree_raw: bytes) -> None:
+        """Every recorded file is present with its size (one listing); the tree document
+        read is the one recorded. Raises :class:`CorruptCheckpointError`."""
+        record = self.manifest.files.get(TREE_FILE)
+        if record is None:
+            raise self.fail([Problem(TREE_FILE, "missing", "not recorded in the manifest")])
+        # The tree document is in memory anyway: its checksum is always checked.
+        problem = checksum_problem(TREE_FILE, record, tree_raw)
+        problems = [problem] if problem is not None else []
+        found = await self.backend.file_sizes(self.directory)
+        problems += [p for p in compare_sizes(self.manifest, found) if p.relpath != TREE_FILE]
+        if problems:
+            raise self.fail(problems)
+
+    async def verify_files(self, relpaths: list[str]) -> None:
+        """Read ``relpaths`` and compare size and CRC32C (a separate read pass)."""
+        limit = asyncio.Semaphore(FILE_IO_CONCURRENCY)
+
+        async def one(rel: str) -> Problem | None:
+            async with limit:
+                try:
+                    data = await self.backend.read_bytes(self.directory / rel)
+                except FileNotFoundError:
+                    return Problem(rel, "missing", "missing")
+                return checksum_problem(rel, self.manifest.files[rel], data)
+
+        found = await asyncio.gather(*(one(r) for r in relpaths))
+        problems = [p for p in found if p is not None]
+        if problems:
+            raise self.fail(problems)
+
+    def chunk_record(self, array_dir: str, key: str) -> FileRecord | None:
+        return self.manifest.files.get(f"{array_dir}/{key}")
+
+
 async def _read_array(
     backend: Backend,
     directory: UPath,
     meta: dict[str, Any],
     context: ts.Context,
     pool: ThreadPoolExecutor | None,
+    integrity: _Integrity | None,
 ) -> np.ndarray:
     where = _display(meta["keypath"])
     dtype = _DTYPES[meta["dtype"]]
     spec = _array_spec(backend, directory, meta["path"])
     root = _local_root(spec)
     if pool is not None and root is not None and math.prod(meta["shape"]):
-        direct = await _read_direct(root, meta, pool)
+        direct = await _read_direct(root, meta, pool, integrity)
         if direct is not None:
             return direct
+    if integrity is not None and integrity.verify_checksums:
+        # tensorstore does not hand out the chunk files' bytes: check them first.
+        await integrity.verify_files(
+            [r for r in integrity.files_of.get(meta["path"], []) if not r.endswith("zarr.json")]
+        )
     try:
         store = await ts.open(spec, open=True, context=context)
     except ValueError as e:
@@ -793,31 +1031,61 @@ def _plain_rows(root: str, meta: dict[str, Any]) -> int | None:
     return chunks[0] if shape else 1
 
 
-def _read_file_into(path: str, buffer: np.ndarray, file_size: int) -> None:
+class _BadChunk(Exception):
+    """A chunk file is missing or does not match its manifest record."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path = path
+        self.problem = problem
+
+
+def _read_file_into(
+    path: str, buffer: np.ndarray, file_size: int, record: FileRecord | None, strict: bool
+) -> None:
     """Fill the uint8 array ``buffer`` from the start of ``path``, which must hold exactly
-    ``file_size`` bytes (else :class:`_NotPlain`). A missing file is a chunk equal to the
-    fill value (zero), which tensorstore does not store: ``buffer`` is zeroed."""
+    ``file_size`` bytes (else :class:`_NotPlain`).
+
+    Checkpoints with a manifest (``strict``) store every chunk: a missing file raises
+    :class:`_BadChunk`, and with ``record`` the CRC32C of the whole file (``buffer`` plus
+    the edge chunk's padding) must match. Older checkpoints did not store chunks equal to
+    the fill value (zero): for them a missing file zeroes ``buffer``."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
+        if strict:
+            raise _BadChunk(path, "missing") from None
         buffer.fill(0)
         return
     try:
-        if os.fstat(fd).st_size != file_size:
+        size = os.fstat(fd).st_size
+        if size != file_size:
+            if strict:
+                raise _BadChunk(path, f"has {size} bytes, expected {file_size}")
             raise _NotPlain(path)
         view = buffer.data  # a 1-d uint8 array: a flat byte view
         done = 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], done)
             if n <= 0:
+                if strict:
+                    raise _BadChunk(path, f"shrank to {done} bytes while being read")
                 raise _NotPlain(path)  # the file shrank under us
             done += n
+        if record is not None:
+            crc = crc32c(buffer)
+            if file_size > len(view):  # the padding of an edge chunk
+                crc = crc32c_extend(crc, os.pread(fd, file_size - len(view), len(view)))
+            if crc != record.crc32c:
+                raise _BadChunk(
+                    path, f"CRC32C {crc:08x} differs from the manifest's {record.crc32c:08x}"
+                )
     finally:
         os.close(fd)
 
 
 async def _read_direct(
-    root: str, meta: dict[str, Any], pool: ThreadPoolExecutor
+    root: str, meta: dict[str, Any], pool: ThreadPoolExecutor, integrity: _Integrity | None
 ) -> np.ndarray | None:
     """The array in the local directory ``root``, read with ``os.preadv``, one chunk file
     per task on ``pool``: the kernel copies from the page cache straight into the output,
@@ -832,10 +1100,19 @@ async def _read_direct(
     out = _aligned_empty(tuple(shape), _DTYPES[meta["dtype"]])
     flat = out.reshape(-1).view(np.uint8)
     row_bytes = math.prod(shape[1:]) * out.dtype.itemsize
+    strict = integrity is not None
+    checks = integrity is not None and integrity.verify_checksums
+
+    def record(key: str) -> FileRecord | None:
+        return integrity.chunk_record(meta["path"], key) if checks and integrity else None
+
     tasks = []
     if not shape:
         tasks.append(
-            loop.run_in_executor(pool, _read_file_into, os.path.join(root, "c"), flat, flat.size)
+            loop.run_in_executor(
+                pool, _read_file_into, os.path.join(root, "c"), flat, flat.size, record("c"),
+                strict,
+            )
         )
     else:
         tail = ["0"] * (len(shape) - 1)
@@ -843,10 +1120,24 @@ async def _read_direct(
             stop = min(start + rows, shape[0])
             path = os.path.join(root, "c", str(i), *tail)
             part = flat[start * row_bytes : stop * row_bytes]
-            tasks.append(loop.run_in_executor(pool, _read_file_into, path, part, rows * row_bytes))
+            key = "/".join(["c", str(i), *tail])
+            tasks.append(
+                loop.run_in_executor(
+                    pool, _read_file_into, path, part, rows * row_bytes, record(key), strict
+                )
+            )
     # Wait for every task: none is left writing into ``out`` after an error.
     results = await asyncio.gather(*tasks, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
+    bad = [e for e in errors if isinstance(e, _BadChunk)]
+    if bad and integrity is not None:
+        raise integrity.fail(
+            [
+                Problem(f"{meta['path']}/{os.path.relpath(e.path, root).replace(os.sep, '/')}",
+                        "chunk", e.problem)
+                for e in bad
+            ]
+        )
     if any(isinstance(e, _NotPlain) for e in errors):
         return None
     if errors:
@@ -896,12 +1187,35 @@ def _to_output(array: np.ndarray, meta: dict[str, Any], target: Any) -> Any:
     return array
 
 
+async def _check_against_manifest(
+    backend: Backend, directory: UPath, tree_raw: bytes, checkpoint: str | None
+) -> None:
+    """CorruptCheckpointError if ``directory`` has a manifest whose record of the tree
+    document does not match ``tree_raw``."""
+    try:
+        manifest = await read_manifest(backend, directory)
+    except ValueError:
+        manifest = None
+    record = manifest.files.get(TREE_FILE) if manifest is not None else None
+    if record is None:
+        return
+    problem = checksum_problem(TREE_FILE, record, tree_raw)
+    if problem is not None:
+        raise CorruptCheckpointError(
+            checkpoint or str(directory),
+            [f"{directory / TREE_FILE}: {problem.detail}"],
+            file=str(directory / TREE_FILE),
+        )
+
+
 async def read(
     backend: Backend,
     directory: UPath,
     target: Any = None,
     *,
     progress: Callable[[int, int], None] | None = None,
+    verify_checksums: bool = False,
+    checkpoint: str | None = None,
 ) -> Any:
     """Read the tree saved under ``directory``.
 
@@ -912,13 +1226,43 @@ async def read(
     are read concurrently; ``progress(advance_bytes, total_bytes)`` is called as they
     finish.
 
+    If the tree was saved with an integrity manifest (see :mod:`ckpt.manifest`), every
+    file it records must be present with its recorded size before any data is returned
+    (one listing of ``directory``); with ``verify_checksums`` the CRC32C of every file is
+    checked as well (inline for direct local reads, else in a separate read pass).
+    ``checkpoint`` names the checkpoint in errors (default: ``directory``).
+
     Raises:
+        ckpt.CorruptCheckpointError: a recorded file is missing, has another size, or
+            (with ``verify_checksums``) another checksum; it names the checkpoint, the
+            leaf and the file.
         ValueError: ``target``'s structure, or a leaf's shape, dtype or kind, differs
             from the checkpoint (the message names the leaf path, e.g.
             ``params/dense/kernel`` or ``layers[2]``), or the metadata is malformed.
     """
-    doc = await tree_metadata(backend, directory)
+    tree_raw = await backend.read_bytes(directory / TREE_FILE)
+    try:
+        doc = _parse_tree_document(tree_raw, directory)
+    except ValueError:
+        # An unreadable tree document cannot say whether a manifest exists: look.
+        await _check_against_manifest(backend, directory, tree_raw, checkpoint)
+        raise
     leaves: list[dict[str, Any]] = doc["leaves"]
+    integrity = None
+    if doc.get("manifest") is not None:
+        integrity = await _Integrity.load(
+            backend,
+            directory,
+            doc,
+            verify_checksums=verify_checksums,
+            checkpoint=checkpoint or str(directory),
+        )
+        await integrity.check_sizes(tree_raw)
+        if verify_checksums:
+            await integrity.verify_files(
+                [r for r in integrity.manifest.files if r != TREE_FILE and (
+                    _array_dir_of(r) is None or r.endswith("/zarr.json"))]
+            )
     plan: dict[int, Any] = {}
     if target is not None:
         _check_target(doc["structure"], target, leaves, "", plan)
@@ -942,7 +1286,7 @@ async def read(
         progress(0, total)
 
     async def read_leaf(i: int) -> Any:
-        array = await _read_array(backend, directory, leaves[i], context, pool)
+        array = await _read_array(backend, directory, leaves[i], context, pool, integrity)
         if progress is not None:
             progress(_leaf_nbytes(leaves[i]), total)
         if isinstance(plan.get(i), (jax.Array, jax.ShapeDtypeStruct)):
@@ -950,8 +1294,14 @@ async def read(
             return await asyncio.to_thread(place, array, i)
         return _to_output(array, leaves[i], plan.get(i))
 
+    tasks = [asyncio.ensure_future(read_leaf(i)) for i in array_leaves]
     try:
-        outputs = await asyncio.gather(*(read_leaf(i) for i in array_leaves))
+        outputs = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -411,6 +411,9 @@ class GCSBackend(Backend):
     async def tree_size(self, path: UPath) -> int:
         return await (await self._view(path)).tree_size(path)
 
+    async def file_sizes(self, path: UPath) -> dict[str, int]:
+        return await (await self._view(path)).file_sizes(path)
+
     # -- array data -----------------------------------------------------------------------
     def kvstore_spec(self, path: UPath) -> dict[str, Any]:
         """tensorstore's ``gcs`` driver. It has no endpoint member: against an emulator,
@@ -832,6 +835,26 @@ class GCSBucketBackend(GCSBackend):
         except FileNotFoundError:
             return 0
         return sum(int(item.get("size", 0)) for item in items)
+
+    async def file_sizes(self, path: UPath) -> dict[str, int]:
+        """One recursive object listing of everything under ``path``."""
+        key = self._key(path)
+        fs = await self._fs()
+        try:
+            items, _ = await fs._do_list_objects(
+                self._obj(key) if key else self.bucket, delimiter=None
+            )
+        except FileNotFoundError:
+            return {}
+        prefix = f"{key}/" if key else ""
+        out: dict[str, int] = {}
+        for item in items:
+            name = str(item.get("name", ""))
+            # gcsfs names are "bucket/key"; folder placeholders end with "/".
+            name = name.split("/", 1)[1] if "/" in name else name
+            if name.startswith(prefix) and not name.endswith("/"):
+                out[name[len(prefix) :]] = int(item.get("size", 0))
+        return out
 
 
 async def _gather_limited(

@@ -132,6 +132,9 @@ class LocalBackend(Backend):
     async def tree_size(self, path: UPath) -> int:
         return await asyncio.to_thread(_tree_size, _p(path))
 
+    async def file_sizes(self, path: UPath) -> dict[str, int]:
+        return await asyncio.to_thread(_file_sizes, _p(path))
+
     def kvstore_spec(self, path: UPath) -> dict[str, Any]:
         return {"driver": "file", "path": _p(path).rstrip("/") + "/"}
 
@@ -204,6 +207,22 @@ def _tree_size(root: str) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+def _file_sizes(root: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    root = root.rstrip("/")
+    for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+        rel = os.path.relpath(dirpath, root)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out[prefix + name] = st.st_size
+    return out
 
 
 @hookimpl

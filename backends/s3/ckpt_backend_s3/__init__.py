@@ -660,6 +660,21 @@ class S3Backend(Backend):
             raise
         return sum(size for k, size in objects if not k.endswith("/"))
 
+    async def file_sizes(self, path: UPath) -> dict[str, int]:
+        return await self._io(self._file_sizes(path))
+
+    async def _file_sizes(self, path: UPath) -> dict[str, int]:
+        """One recursive LIST (paginated) of everything under ``path``."""
+        bucket, key = self._split(path)
+        prefix = key + "/" if key else ""
+        try:
+            objects = await self._all_keys(bucket, prefix)
+        except FileNotFoundError as exc:
+            if _is_no_such_bucket(exc):
+                return {}
+            raise
+        return {k[len(prefix) :]: size for k, size in objects if not k.endswith("/")}
+
     async def file_size(self, path: UPath) -> int:
         return await self._io(self._file_size(path))
 
