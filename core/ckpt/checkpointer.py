@@ -280,9 +280,10 @@ class Checkpointer:
             raise ValueError(f"{type(self).__name__} is closed.")
         final, resolution = self._resolve(path)
         custom = check_custom_metadata(custom_metadata)
-        run_sync(check_destination(resolution, final, force=force))
+        # Validate the tree before any storage call (an unsavable leaf is a TypeError).
         # A synchronous save writes before returning: no snapshot copy is needed.
         prepared = tree_format.prepare(tree, copy=self._snapshot_tree)
+        run_sync(check_destination(resolution, final, force=force))
         tmp = resolution.strategy.from_final(
             final, backend=resolution.backend, file_options=self._file_options
         )
