@@ -27,6 +27,7 @@ from typing import Any, Self
 from upath import UPath
 
 from ckpt import _progress, _timing, tree_format
+from ckpt._storage_errors import translate
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.errors import CommitConflictError
@@ -152,6 +153,9 @@ async def write_and_commit(request: SaveRequest) -> None:
         request.phase = "committed"
     except BaseException as exc:  # includes cancellation by a timeout
         await _discard_after_failure(request, exc)
+        translated = translate(exc, action="Saving", path=final, backend=backend)
+        if translated is not exc:
+            raise translated from exc
         raise
     _timing.record_duration(
         "total", time.perf_counter() - request.start, path=final, level=logging.INFO
@@ -195,6 +199,21 @@ async def restore_async(
     progress: _progress.ProgressCallback | None = None,
 ) -> Any:
     """Read the committed checkpoint at ``final`` (see :meth:`Checkpointer.restore`)."""
+    try:
+        return await _restore(resolution, final, target, progress)
+    except Exception as exc:
+        translated = translate(exc, action="Restoring", path=final, backend=resolution.backend)
+        if translated is not exc:
+            raise translated from exc
+        raise
+
+
+async def _restore(
+    resolution: Resolution,
+    final: UPath,
+    target: Any,
+    progress: _progress.ProgressCallback | None,
+) -> Any:
     content = await committed_content(resolution, final)
     try:
         return await tree_format.read(resolution.backend, content, target, progress=progress)
@@ -321,8 +340,14 @@ class Checkpointer:
         Raises:
             ValueError: ``path`` exists and ``force`` is not set, or ``custom_metadata``
                 is not a JSON-serializable dict.
-            TypeError: ``tree`` holds an unsupported leaf (the message names it).
+            TypeError: ``tree`` holds an unsupported leaf (the message names it); raised
+                before any storage call.
             ckpt.CommitConflictError: another writer committed ``path`` first.
+            OSError: the store failed, as the standard subclass for its errno where there
+                is one: ``OSError`` with ``errno.ENOSPC`` (no space) or ``errno.EROFS``
+                (read-only file system), ``PermissionError``, ``FileNotFoundError``;
+                the message names the path, the backend and the fix. The temporary data
+                is removed; existing checkpoints are untouched.
         """
         self._save(path, tree, force=force, custom_metadata=custom_metadata)
 
@@ -365,6 +390,8 @@ class Checkpointer:
             FileNotFoundError: nothing exists at ``path``.
             ValueError: ``path`` is not a committed checkpoint (temporary or unknown), or
                 does not match ``target``.
+            OSError: the store failed (``PermissionError``, ``FileNotFoundError`` for a
+                missing array file, ...; see :meth:`save`).
         """
         start = time.perf_counter()
         final, resolution = self._resolve(path)

@@ -3,11 +3,15 @@ servers): saves pending at interpreter exit, storage errors users can catch."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
+import numpy as np
+import pytest
 from upath import UPath
 
 import ckpt
@@ -37,3 +41,19 @@ def test_manager_save_without_close_commits_at_exit(ckpt_config: str, root: UPat
     with ckpt.CheckpointManager(url) as mngr:
         assert mngr.all_steps() == [1]
         assert float(mngr.restore()["w"][0, 0]) == 2.0
+
+
+def test_missing_array_object_on_restore_is_filenotfounderror(
+    ckpt_config: str, root: UPath, raw_fs: Any
+) -> None:
+    from ckpt import _sync
+    from ckpt.temporary_path import content_path
+
+    ckptr = ckpt.Checkpointer()
+    ckptr.save(root / "0", {"w": np.ones(3)})
+    content = _sync.run(content_path(ckpt.get_backend(str(root)), root / "0"))
+    raw_fs.rm(str(content / "arrays" / "0" / "zarr.json").split("://", 1)[1])
+    with pytest.raises(FileNotFoundError) as info:
+        ckptr.restore(root / "0")
+    assert info.value.errno == errno.ENOENT
+    assert str(root / "0") in str(info.value)

@@ -4,6 +4,7 @@ catch."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -103,3 +104,19 @@ def test_retention_never_deletes_a_step_without_its_marker(s3_server: Any, s3_ro
     assert sorted(s3_server.keys(f"{prefix}/1/")) == foreign  # untouched
     assert not s3_server.keys(f"{prefix}/2/")
     assert ckpt.latest_step_metadata(s3_root).step == 3  # type: ignore[union-attr]
+
+
+def test_missing_array_object_on_restore_is_filenotfounderror(s3_server: Any, s3_root: str) -> None:
+    from ckpt import _sync
+    from ckpt.temporary_path import content_path
+
+    ckptr = ckpt.Checkpointer()
+    ckptr.save(s3_root + "/0", {"w": np.ones(3)})
+    content = _sync.run(content_path(ckpt.get_backend(s3_root), UPath(s3_root) / "0"))
+    s3_server.client().delete_object(
+        Bucket=s3_server.bucket, Key=s3_server.key_of(str(content)) + "/arrays/0/zarr.json"
+    )
+    with pytest.raises(FileNotFoundError) as info:
+        ckptr.restore(s3_root + "/0")
+    assert info.value.errno == errno.ENOENT
+    assert "s3" in str(info.value) and s3_root in str(info.value)
