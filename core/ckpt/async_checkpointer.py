@@ -8,6 +8,10 @@ Everything that touches storage afterwards runs on one worker thread: creating t
 temporary directory (never on the training thread, so a slow store cannot stall training,
 orbax#179), writing the arrays, and the commit.
 
+A save still in progress when the interpreter exits (a script that ends without
+``close()``) is finished before the process exits; if it fails or times out, the error is
+printed on stderr and the exit status is 1 (see :mod:`ckpt._exit`).
+
 Errors are never lost: an error in the background is raised, once, by the next call to
 ``save``, ``restore``, ``metadata``, ``wait_until_finished``, ``check_for_errors`` or
 ``close``, and it is logged when it happens. A save that does not finish within
@@ -20,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ckpt import tree_format
+from ckpt import _exit, tree_format
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.checkpointer import Checkpointer, SaveRequest, write_and_commit
@@ -113,6 +118,7 @@ class AsyncCheckpointer(Checkpointer):
         self._future: concurrent.futures.Future[None] | None = None
         self._request: SaveRequest | None = None
         self._deadline: float | None = None
+        _exit.register(self)
 
     # -- background work -------------------------------------------------------------------
     def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -286,6 +292,27 @@ class AsyncCheckpointer(Checkpointer):
             if executor is not None:
                 executor.shutdown(wait=True)
             super().close()
+
+    def _finish_at_exit(self) -> None:
+        """At interpreter exit (see :mod:`ckpt._exit`): wait for a save in progress and
+        raise its error; report (only) the error of one that already failed."""
+        with self._lock:
+            future, request = self._future, self._request
+        if future is None:
+            return
+        if future.done():
+            try:
+                self._take(wait=False)
+            except BaseException as exc:
+                print(
+                    f"ckpt: an earlier background save failed and its error was never "
+                    f"collected: {type(exc).__name__}: {exc}",
+                    file=sys.stderr,
+                )
+            return
+        if request is not None:
+            logger.info("Interpreter exit: waiting for the background save of %s.", request.final)
+        self.wait_until_finished()
 
     def __del__(self) -> None:
         future = getattr(self, "_future", None)

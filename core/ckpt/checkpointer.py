@@ -27,6 +27,7 @@ from typing import Any, Self
 from upath import UPath
 
 from ckpt import _progress, _timing, tree_format
+from ckpt._storage_errors import translate
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.errors import CommitConflictError, CorruptCheckpointError
@@ -160,6 +161,9 @@ async def write_and_commit(request: SaveRequest) -> None:
         request.phase = "committed"
     except BaseException as exc:  # includes cancellation by a timeout
         await _discard_after_failure(request, exc)
+        translated = translate(exc, action="Saving", path=final, backend=backend)
+        if translated is not exc:
+            raise translated from exc
         raise
     _timing.record_duration(
         "total", time.perf_counter() - request.start, path=final, level=logging.INFO
@@ -203,6 +207,21 @@ async def restore_async(
     progress: _progress.ProgressCallback | None = None,
 ) -> Any:
     """Read the committed checkpoint at ``final`` (see :meth:`Checkpointer.restore`)."""
+    try:
+        return await _restore(resolution, final, target, progress)
+    except Exception as exc:
+        translated = translate(exc, action="Restoring", path=final, backend=resolution.backend)
+        if translated is not exc:
+            raise translated from exc
+        raise
+
+
+async def _restore(
+    resolution: Resolution,
+    final: UPath,
+    target: Any,
+    progress: _progress.ProgressCallback | None,
+) -> Any:
     content = await committed_content(resolution, final)
     try:
         return await tree_format.read(
@@ -312,9 +331,10 @@ class Checkpointer:
             raise ValueError(f"{type(self).__name__} is closed.")
         final, resolution = self._resolve(path)
         custom = check_custom_metadata(custom_metadata)
-        run_sync(check_destination(resolution, final, force=force))
+        # Validate the tree before any storage call (an unsavable leaf is a TypeError).
         # A synchronous save writes before returning: no snapshot copy is needed.
         prepared = tree_format.prepare(tree, copy=self._snapshot_tree)
+        run_sync(check_destination(resolution, final, force=force))
         tmp = resolution.strategy.from_final(
             final, backend=resolution.backend, file_options=self._file_options
         )
@@ -352,8 +372,14 @@ class Checkpointer:
         Raises:
             ValueError: ``path`` exists and ``force`` is not set, or ``custom_metadata``
                 is not a JSON-serializable dict.
-            TypeError: ``tree`` holds an unsupported leaf (the message names it).
+            TypeError: ``tree`` holds an unsupported leaf (the message names it); raised
+                before any storage call.
             ckpt.CommitConflictError: another writer committed ``path`` first.
+            OSError: the store failed, as the standard subclass for its errno where there
+                is one: ``OSError`` with ``errno.ENOSPC`` (no space) or ``errno.EROFS``
+                (read-only file system), ``PermissionError``, ``FileNotFoundError``;
+                the message names the path, the backend and the fix. The temporary data
+                is removed; existing checkpoints are untouched.
         """
         self._save(path, tree, force=force, custom_metadata=custom_metadata)
 
@@ -399,6 +425,8 @@ class Checkpointer:
                 another CRC32C); it names the step, the leaf and the file.
             ValueError: ``path`` is not a committed checkpoint (temporary or unknown), or
                 does not match ``target``.
+            OSError: the store failed (``PermissionError``, ``FileNotFoundError`` for a
+                missing array file, ...; see :meth:`save`).
         """
         start = time.perf_counter()
         final, resolution = self._resolve(path)

@@ -26,13 +26,20 @@ from typing import Any, Self
 
 from upath import UPath
 
+from ckpt import _exit
 from ckpt._sync import run as run_sync
 from ckpt.async_checkpointer import AsyncCheckpointer
 from ckpt.backend import Backend
 from ckpt.checkpointer import Checkpointer
 from ckpt.paths import to_path
 from ckpt.registry import resolve
-from ckpt.step import NameFormat, build_step_path, standard_name_format
+from ckpt.step import (
+    NameFormat,
+    build_step_path,
+    has_commit_evidence,
+    newest_with_evidence,
+    standard_name_format,
+)
 from ckpt.step_metadata import StepMetadata
 from ckpt.temporary_path import FileOptions, delete_checkpoint
 from ckpt.temporary_paths import cleanup_temporary_paths_async
@@ -136,6 +143,18 @@ class CheckpointManager:
                 max_workers=1, thread_name_prefix="ckpt-cleanup"
             )
             self._cleanup = self._cleanup_executor.submit(self._cleanup_temporaries)
+        _exit.register(self, manager=True)
+
+    def _finish_at_exit(self) -> None:
+        """At interpreter exit (see :mod:`ckpt._exit`): finish the pending save, the
+        deletions of old steps and the cleanup; raise a failed save's error."""
+        if self._closed:
+            return
+        if isinstance(self._checkpointer, AsyncCheckpointer):
+            self._checkpointer._finish_at_exit()
+        self._wait_for_deletions()
+        if self._cleanup is not None:
+            concurrent.futures.wait([self._cleanup])
 
     # -- background work -------------------------------------------------------------------
     def _cleanup_temporaries(self) -> None:
@@ -154,6 +173,15 @@ class CheckpointManager:
     def _delete_in_background(self, doomed: dict[int, UPath]) -> None:
         for step, path in sorted(doomed.items()):
             try:
+                if self._backend.names_decide_commit and not has_commit_evidence(
+                    self._resolution, path
+                ):
+                    # Listed by name only, never committed: another writer's save in
+                    # progress, or a copy without its marker. Not ours to delete.
+                    logger.warning(
+                        "Not deleting step %d (%s): it has no commit evidence.", step, path
+                    )
+                    continue
                 logger.info("Deleting step %d (%s): beyond max_to_keep.", step, path)
                 run_sync(delete_checkpoint(self._backend, path))
             except Exception as exc:  # keep it known; the next save retries
@@ -203,8 +231,15 @@ class CheckpointManager:
 
     # -- steps -----------------------------------------------------------------------------
     def reload(self) -> None:
-        """Re-read the committed steps from storage (one listing)."""
-        found = {m.step: m.path for m in self._name_format.find_all(self.directory)}
+        """Re-read the committed steps from storage (one listing).
+
+        On backends whose listing alone decides commits (``names_decide_commit``), the
+        commit evidence of the latest step is checked (one request); steps without it (a
+        prefix copied without its marker, another writer's save in progress) are dropped
+        until the newest committed one."""
+        listed = list(self._name_format.find_all(self.directory))
+        latest = newest_with_evidence(self._resolution, listed)
+        found = {m.step: m.path for m in listed if latest is not None and m.step <= latest.step}
         with self._lock:
             self._steps = found
 

@@ -248,9 +248,34 @@ def maybe_find_step_metadata(
 
 
 def latest_step_metadata(base_path: Any, name_format: NameFormat | None = None) -> Metadata | None:
-    """The committed step with the highest number, or None."""
+    """The committed step with the highest number, or None.
+
+    Where the backend lets names decide commits (``names_decide_commit``: one LIST finds
+    the steps, no per-step request), the chosen step's commit evidence is still checked
+    (one request): a name without it (a prefix copied without its marker, another tool's
+    save in progress) is skipped for the newest step that has it."""
     name_format = name_format or standard_name_format()
-    return max(name_format.find_all(base_path), key=lambda m: m.step, default=None)
+    base = to_path(base_path)
+    found = list(name_format.find_all(base))
+    resolution = resolve(base, getattr(name_format, "atomicity", None))
+    return newest_with_evidence(resolution, found)
+
+
+def newest_with_evidence(resolution: Any, found: Sequence[Metadata]) -> Metadata | None:
+    """The highest step of ``found`` whose commit evidence exists. Only on backends with
+    ``names_decide_commit`` is it checked (one request for the step chosen, and one more
+    per step skipped); elsewhere discovery has already checked every step."""
+    for metadata in sorted(found, key=lambda m: m.step, reverse=True):
+        if not resolution.backend.names_decide_commit or has_commit_evidence(
+            resolution, metadata.path
+        ):
+            return metadata
+    return None
+
+
+def has_commit_evidence(resolution: Any, path: UPath) -> bool:
+    """Whether the strategy finds ``path`` committed (one check, never by name alone)."""
+    return bool(_sync.run(resolution.strategy.is_finalized(resolution.backend, path)))
 
 
 def get_save_directory(

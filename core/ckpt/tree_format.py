@@ -28,8 +28,17 @@ The JSON file is written last, through :meth:`ckpt.backend.Backend.write_bytes`.
 
 Leaf kinds: ``array`` (numpy or jax array), ``numpy_scalar`` (a numpy scalar such as
 ``np.float32(1)``, stored as a 0-d array), ``bool``, ``int``, ``float``, ``complex``,
-``str`` and ``none`` (inline). Non-finite floats are stored as the strings ``"nan"``,
-``"inf"`` and ``"-inf"``; complex numbers as ``[real, imag]``.
+``str`` and ``none`` (inline), and ``prng_key`` (a typed jax PRNG key array, stored as its
+``uint32`` key data with ``key_impl`` and ``key_shape``). Non-finite floats are stored as
+the strings ``"nan"``, ``"inf"`` and ``"-inf"``; complex numbers as ``[real, imag]``.
+Narrow dtypes that zarr3 readers do not all know (``int4``, ``float8_e4m3fn``, ...) are
+stored as a bit-identical ``uint8`` view: ``dtype`` is the stored dtype, ``logical_dtype``
+the leaf's own.
+
+Structure nodes: ``dict``, ``ordered_dict`` (``keys``), ``list``, ``tuple``,
+``namedtuple`` (``class`` as ``module:qualname``, ``keys`` = its fields) and ``node`` (a
+custom pytree node registered with jax: ``class`` and the children's ``keys``, attribute
+names or indices).
 
 Array chunks are plain (unsharded) zarr3 chunks of at most :data:`CHUNK_BYTES`, stored
 uncompressed: on a local disk each chunk file holds exactly the chunk's bytes, and
@@ -43,7 +52,9 @@ blocking part (validate, flatten and snapshot the tree), :func:`write` the I/O p
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -108,7 +119,7 @@ DIRECT_LOCAL_READS = hasattr(os, "preadv") and sys.byteorder == "little"
 
 _ALIGN = 64  # bytes; what XLA's CPU client needs to alias a host buffer
 _SCALAR_KINDS = ("bool", "int", "float", "complex", "str", "none")
-_ARRAY_KINDS = ("array", "numpy_scalar")
+_ARRAY_KINDS = ("array", "numpy_scalar", "prng_key")
 _ROOT = "<root>"
 _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
@@ -132,6 +143,38 @@ _DTYPES: dict[str, np.dtype] = {
         ml_dtypes.bfloat16,
     )
 }
+
+#: The narrow dtypes of ml_dtypes (and jax): sub-byte integers, float8/float6/float4. numpy
+#: holds each element in one byte, so they are stored as a bit-identical ``uint8`` view
+#: (``dtype: uint8`` in the leaf metadata) and :data:`TREE_FILE` records the real dtype as
+#: ``logical_dtype``; the array I/O only ever sees plain dtypes.
+_VIEW_DTYPES: dict[str, np.dtype] = {
+    np.dtype(t).name: np.dtype(t)
+    for t in (
+        getattr(ml_dtypes, name)
+        for name in (
+            "int1",
+            "int2",
+            "int4",
+            "uint1",
+            "uint2",
+            "uint4",
+            "float4_e2m1fn",
+            "float6_e2m3fn",
+            "float6_e3m2fn",
+            "float8_e3m4",
+            "float8_e4m3",
+            "float8_e4m3b11fnuz",
+            "float8_e4m3fn",
+            "float8_e4m3fnuz",
+            "float8_e5m2",
+            "float8_e5m2fnuz",
+            "float8_e8m0fnu",
+        )
+        if hasattr(ml_dtypes, name)
+    )
+}
+_VIEW_STORAGE = np.dtype(np.uint8)
 
 
 # -- key paths ------------------------------------------------------------------
@@ -216,15 +259,45 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 
 
 def _check_dtype(dtype: Any, keypath: str) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt.byteorder not in "=|":
+    """The (native byte order) dtype to save for ``dtype``; TypeError naming the leaf if
+    it cannot be saved. Narrow ml_dtypes types (:data:`_VIEW_DTYPES`) are returned as
+    themselves; :func:`prepare` stores them as ``uint8`` views."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is not None and dt.byteorder not in "=|":
         dt = dt.newbyteorder("=")  # big-endian input is stored (and restored) native
-    if dt.name not in _DTYPES or _DTYPES[dt.name] != dt:
-        raise TypeError(
-            f"Leaf {_display(keypath)!r}: unsupported array dtype {dt!s}; supported: "
-            f"{', '.join(sorted(_DTYPES))}."
-        )
-    return _DTYPES[dt.name]
+    for table in (_DTYPES, _VIEW_DTYPES):
+        if dt is not None and dt.name in table and table[dt.name] == dt:
+            return table[dt.name]
+    raise TypeError(
+        f"Leaf {_display(keypath)!r}: unsupported array dtype {dtype!s}; supported: "
+        f"{', '.join(sorted([*_DTYPES, *_VIEW_DTYPES]))} and jax PRNG keys. Convert the "
+        "leaf to one of these (e.g. np.asarray(x, np.float32)) or leave it out of the tree."
+    )
+
+
+def _is_key(x: Any) -> bool:
+    """A typed jax PRNG key array (``jax.random.key``), or a ShapeDtypeStruct of one."""
+    dtype = getattr(x, "dtype", None)
+    try:
+        return dtype is not None and bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+    except TypeError:
+        return False
+
+
+@functools.cache
+def _key_dtype(impl: str) -> Any:
+    """The dtype of typed keys of the PRNG implementation named ``impl``."""
+    return jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype
+
+
+def _as_storage(data: Any, dtype: np.dtype) -> Any:
+    """``data`` (a host array or ``(index, host array)`` shards) viewed as ``dtype``."""
+    if isinstance(data, list):
+        return [(index, np.asarray(view).view(dtype)) for index, view in data]
+    return np.asarray(data).view(dtype)
 
 
 def _is_cpu(x: jax.Array) -> bool:
@@ -273,17 +346,25 @@ def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
     arrays: list[_ArrayItem] = []
 
     def add_array(value: Any, keypath: str, kind: str, source: str) -> dict[str, Any]:
-        dtype = _check_dtype(value.dtype, keypath)
+        logical = _check_dtype(value.dtype, keypath)
+        # Narrow ml_dtypes types go to storage as a bit-identical uint8 view.
+        dtype = _VIEW_STORAGE if logical.name in _VIEW_DTYPES else logical
         shape = tuple(int(d) for d in value.shape)
         index = len(leaves)
         subpath = f"{ARRAYS_DIR}/{index}"
         chunks = _chunk_shape(shape, dtype.itemsize)
         if isinstance(value, jax.Array):
             data = _snapshot_jax(value, keypath, copy)
+            if dtype != logical:
+                if isinstance(data, jax.Array):  # on an accelerator: copy to host now
+                    data = np.asarray(data)
+                data = _as_storage(data, dtype)
         else:
-            data = np.array(value, dtype=dtype, copy=copy or None)
+            data = np.array(value, dtype=logical, copy=copy or None)
+            if dtype != logical:
+                data = data.view(dtype)
         arrays.append(_ArrayItem(index, subpath, shape, dtype, chunks, data))
-        return {
+        meta = {
             "keypath": keypath,
             "kind": kind,
             "dtype": dtype.name,
@@ -293,8 +374,19 @@ def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
             "nbytes": int(math.prod(shape)) * dtype.itemsize,
             "source": source,
         }
+        if dtype != logical:
+            meta["logical_dtype"] = logical.name
+        return meta
 
     def leaf(value: Any, keypath: str) -> dict[str, Any]:
+        if isinstance(value, jax.Array) and _is_key(value):
+            # A typed PRNG key: its uint32 key data, plus the implementation's name.
+            if value.is_deleted():
+                raise ValueError(f"Leaf {_display(keypath)!r}: the jax array has been deleted.")
+            meta = add_array(jax.random.key_data(value), keypath, "prng_key", "jax")
+            meta["key_impl"] = str(jax.random.key_impl(value))
+            meta["key_shape"] = [int(d) for d in value.shape]
+            return meta
         if isinstance(value, jax.Array):
             return add_array(value, keypath, "array", "jax")
         if isinstance(value, np.ndarray):
@@ -315,9 +407,11 @@ def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
         if isinstance(value, str):
             return {"keypath": keypath, "kind": "str", "value": str(value)}
         raise TypeError(
-            f"Leaf {_display(keypath)!r}: unsupported type {type(value).__qualname__}; "
-            "expected a dict, list, tuple, jax or numpy array, int, float, bool, complex, "
-            "str or None."
+            f"Leaf {_display(keypath)!r}: unsupported type {_type_name(type(value))}; "
+            "expected a container jax treats as a pytree node (dict, OrderedDict, list, "
+            "tuple, namedtuple, a registered dataclass) or a leaf: a jax or numpy array, a "
+            "jax PRNG key, int, float, bool, complex, str or None. Convert it, or register "
+            "its class as a pytree node (jax.tree_util.register_dataclass)."
         )
 
     structure = _flatten(tree, "", leaf, leaves)
@@ -335,7 +429,8 @@ def _flatten(
     A module-level function, not a recursive closure: a closure that calls itself is a
     reference cycle, which would keep the snapshot (copies of the caller's arrays) alive
     until the garbage collector runs, long after the save."""
-    if isinstance(node, dict):
+    kind = type(node)
+    if kind is dict or kind is collections.OrderedDict:
         keys = list(node)
         for key in keys:
             if not isinstance(key, str):
@@ -344,17 +439,83 @@ def _flatten(
                     f"be str, got {type(key).__qualname__} {key!r}."
                 )
         children = [_flatten(node[k], _join_key(keypath, k), leaf, leaves) for k in keys]
-        return {"type": "dict", "keys": keys, "children": children}
-    if type(node) is list or type(node) is tuple:
+        name = "dict" if kind is dict else "ordered_dict"
+        return {"type": name, "keys": keys, "children": children}
+    if kind is list or kind is tuple:
         children = [_flatten(v, _join_index(keypath, i), leaf, leaves) for i, v in enumerate(node)]
-        return {"type": "list" if isinstance(node, list) else "tuple", "children": children}
-    if isinstance(node, (list, tuple)):
-        raise TypeError(
-            f"Leaf {_display(keypath)!r}: unsupported container "
-            f"{type(node).__qualname__}; use a dict, list or tuple."
-        )
+        return {"type": "list" if kind is list else "tuple", "children": children}
+    if isinstance(node, tuple) and isinstance(getattr(kind, "_fields", None), tuple):
+        fields = [str(f) for f in kind._fields]
+        children = [
+            _flatten(v, _join_key(keypath, f), leaf, leaves)
+            for f, v in zip(fields, node, strict=True)
+        ]
+        return {
+            "type": "namedtuple",
+            "class": _class_name(kind),
+            "keys": fields,
+            "children": children,
+        }
+    registered = _registered_children(node, keypath)
+    if registered is not None:
+        keys, values = registered
+        children = [
+            _flatten(v, _join_node_key(keypath, k), leaf, leaves)
+            for k, v in zip(keys, values, strict=True)
+        ]
+        return {"type": "node", "class": _class_name(kind), "keys": keys, "children": children}
     leaves.append(leaf(node, keypath))
     return {"type": "leaf", "index": len(leaves) - 1}
+
+
+def _class_name(cls: type) -> str:
+    """``module:qualname`` of a class."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _type_name(cls: type) -> str:
+    """A class's name for messages: ``bytes``, ``mymodule:MyClass``."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else _class_name(cls)
+
+
+def _join_node_key(prefix: str, key: str | int) -> str:
+    return _join_index(prefix, key) if isinstance(key, int) else _join_key(prefix, key)
+
+
+_LEAF_TYPES = (jax.Array, np.ndarray, np.generic, bool, int, float, complex, str, type(None))
+
+
+def _registered_children(node: Any, keypath: str) -> tuple[list[str | int], list[Any]] | None:
+    """Keys and children of a custom pytree node (registered with jax: a flax/equinox
+    style dataclass, a defaultdict, ...); None if jax treats ``node`` as a leaf."""
+    if isinstance(node, _LEAF_TYPES):
+        return None
+    flat, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if len(flat) == 1 and flat[0][0] == ():  # jax flattens it to itself: a leaf
+        return None
+    keys: list[str | int] = []
+    for path, _ in flat:
+        entry = path[0] if len(path) == 1 else None
+        if isinstance(entry, jax.tree_util.GetAttrKey):
+            keys.append(entry.name)
+        elif isinstance(entry, jax.tree_util.DictKey) and isinstance(entry.key, str):
+            keys.append(entry.key)
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            keys.append(entry.idx)
+        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
+            keys.append(entry.key)
+        else:
+            raise TypeError(
+                f"Leaf {_display(keypath)!r}: the pytree node {_class_name(type(node))} has a "
+                f"child with key {entry!r}, which ckpt cannot name; register it with string "
+                "attribute names (jax.tree_util.register_dataclass) or convert it to a dict."
+            )
+    if len(set(keys)) != len(keys):
+        raise TypeError(
+            f"Leaf {_display(keypath)!r}: the pytree node {_class_name(type(node))} has "
+            f"repeated child keys {keys}; convert it to a dict."
+        )
+    return keys, [v for _, v in flat]
 
 
 def _encode_float(x: float) -> float | str:
@@ -586,6 +747,25 @@ def _validate_leaf(i: int, leaf: Any) -> None:
             f"{where}: bad shape {shape!r}",
         )
         _require(kind != "numpy_scalar" or shape == [], f"{where}: numpy scalar with a shape")
+        logical = leaf.get("logical_dtype")
+        _require(
+            logical is None or (logical in _VIEW_DTYPES and dtype == _VIEW_STORAGE.name),
+            f"{where}: bad logical_dtype {logical!r} for dtype {dtype!r}",
+        )
+        if kind == "prng_key":
+            impl = leaf.get("key_impl")
+            key_shape = leaf.get("key_shape")
+            _require(
+                isinstance(impl, str) and dtype == "uint32" and logical is None,
+                f"{where}: bad PRNG key metadata",
+            )
+            _require(
+                isinstance(key_shape, list)
+                and all(isinstance(d, int) and not isinstance(d, bool) for d in key_shape)
+                and shape[: len(key_shape)] == key_shape
+                and len(shape) == len(key_shape) + 1,
+                f"{where}: bad key_shape {key_shape!r}",
+            )
         path = leaf.get("path")
         _require(
             isinstance(path, str) and all(_SAFE_COMPONENT.fullmatch(p) for p in path.split("/")),
@@ -614,6 +794,7 @@ def _validate_node(node: Any, n_leaves: int, seen: set[int], keypath: str) -> No
     where = _display(keypath)
     _require(isinstance(node, dict), f"structure node at {where!r} is not an object")
     kind = node.get("type")
+    _require("_rebuild" not in node, f"structure node at {where!r} has a reserved key")
     if kind == "leaf":
         index = node.get("index")
         _require(
@@ -625,17 +806,29 @@ def _validate_node(node: Any, n_leaves: int, seen: set[int], keypath: str) -> No
         return
     children = node.get("children")
     _require(isinstance(children, list), f"structure node at {where!r} has no 'children'")
-    if kind == "dict":
+    if kind in ("dict", "ordered_dict", "namedtuple", "node"):
         keys = node.get("keys")
+        key_types: tuple[type, ...] = (str, int) if kind == "node" else (str,)
         _require(
             isinstance(keys, list)
-            and all(isinstance(k, str) for k in keys)
+            and all(isinstance(k, key_types) and not isinstance(k, bool) for k in keys)
             and len(keys) == len(children)
             and len(set(keys)) == len(keys),
-            f"dict at {where!r} has bad 'keys'",
+            f"{kind} at {where!r} has bad 'keys'",
         )
+        if kind in ("namedtuple", "node"):
+            cls = node.get("class")
+            _require(
+                isinstance(cls, str) and cls.count(":") == 1,
+                f"{kind} at {where!r} has a bad 'class' {cls!r}",
+            )
+        if kind == "namedtuple":
+            _require(
+                all(k.isidentifier() for k in keys) and node["class"].rpartition(".")[2],
+                f"namedtuple at {where!r} has bad field names",
+            )
         for key, child in zip(keys, children, strict=True):
-            _validate_node(child, n_leaves, seen, _join_key(keypath, key))
+            _validate_node(child, n_leaves, seen, _join_node_key(keypath, key))
     elif kind in ("list", "tuple"):
         for i, child in enumerate(children):
             _validate_node(child, n_leaves, seen, _join_index(keypath, i))
@@ -676,10 +869,13 @@ def _check_target(
     """Match ``target`` against the stored structure; record each leaf's target in ``plan``."""
     where = _display(kp)
     kind = node["type"]
-    if kind == "dict":
+    if kind == "namedtuple" or kind == "node":
+        _check_node_target(node, target, leaves, kp, plan)
+        return
+    if kind == "dict" or kind == "ordered_dict":
         if not isinstance(target, Mapping):
             raise ValueError(
-                f"Tree mismatch at {where!r}: checkpoint has a dict, target has "
+                f"Tree mismatch at {where!r}: checkpoint has a {kind}, target has "
                 f"{type(target).__qualname__}."
             )
         stored, wanted = node["keys"], list(target)
@@ -716,6 +912,10 @@ def _check_target(
             f"has a {type(target).__qualname__}."
         )
     is_array_target = isinstance(target, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
+    if meta["kind"] == "prng_key" or (is_array_target and _is_key(target)):
+        _check_key_target(meta, target, where)
+        plan[index] = target
+        return
     if meta["kind"] in _ARRAY_KINDS:
         if not is_array_target:
             raise ValueError(
@@ -729,9 +929,10 @@ def _check_target(
                 f"{tuple(shape)}."
             )
         dtype = np.dtype(target.dtype)
-        if dtype.name != meta["dtype"]:
+        if dtype.name != _logical_dtype(meta).name:
             raise ValueError(
-                f"Leaf {where!r}: dtype mismatch: checkpoint {meta['dtype']}, target {dtype}."
+                f"Leaf {where!r}: dtype mismatch: checkpoint {_logical_dtype(meta)}, target "
+                f"{dtype}."
             )
         plan[index] = target
         return
@@ -749,6 +950,84 @@ def _check_target(
         raise ValueError(
             f"Leaf {where!r}: type mismatch: checkpoint {meta['kind']}, target {target_kind}."
         )
+
+
+def _check_key_target(meta: dict[str, Any], target: Any, where: str) -> None:
+    """A PRNG key leaf needs a key target (array or ShapeDtypeStruct) of the same
+    implementation and shape, and a key target needs a key leaf."""
+    if meta["kind"] != "prng_key":
+        raise ValueError(
+            f"Leaf {where!r}: checkpoint has a {meta['kind']}, target has a jax PRNG key "
+            f"array ({target.dtype})."
+        )
+    impl = meta["key_impl"]
+    if not (isinstance(target, (jax.Array, jax.ShapeDtypeStruct)) and _is_key(target)):
+        raise ValueError(
+            f"Leaf {where!r}: checkpoint has a jax PRNG key array ({impl}), target has "
+            f"{type(target).__qualname__}; use a key array or a jax.ShapeDtypeStruct of one."
+        )
+    try:
+        expected = _key_dtype(impl)
+    except Exception as e:  # an implementation this jax does not have
+        raise ValueError(f"Leaf {where!r}: unknown PRNG key implementation {impl!r}: {e}") from e
+    if target.dtype != expected:
+        raise ValueError(
+            f"Leaf {where!r}: key mismatch: checkpoint has {impl} keys ({expected}), target "
+            f"{target.dtype}."
+        )
+    if [int(d) for d in target.shape] != meta["key_shape"]:
+        raise ValueError(
+            f"Leaf {where!r}: shape mismatch: checkpoint {tuple(meta['key_shape'])}, target "
+            f"{tuple(target.shape)}."
+        )
+
+
+def _check_node_target(
+    node: dict[str, Any], target: Any, leaves: list[dict[str, Any]], kp: str, plan: dict[int, Any]
+) -> None:
+    """A namedtuple or registered pytree node against ``target``: same keys, and the
+    target's class is recorded (in ``node``) so that :func:`_build` rebuilds it."""
+    where = _display(kp)
+    kind, stored = node["type"], node["keys"]
+    if kind == "namedtuple":
+        fields = getattr(type(target), "_fields", None)
+        if not isinstance(target, tuple) or not isinstance(fields, tuple):
+            raise ValueError(
+                f"Tree mismatch at {where!r}: checkpoint has a namedtuple ({node['class']}), "
+                f"target has {type(target).__qualname__}."
+            )
+        if list(fields) != stored:
+            raise ValueError(
+                f"Tree mismatch at {where!r}: namedtuple fields differ; checkpoint "
+                f"{stored}, target {list(fields)}."
+            )
+        node["_rebuild"] = type(target)._make  # type: ignore[attr-defined]
+        children = list(target)
+    else:
+        found = _registered_children(target, kp)
+        # The same class (by name: a class may move between modules).
+        same_class = type(target).__qualname__ == node["class"].partition(":")[2]
+        if found is None or not same_class:
+            raise ValueError(
+                f"Tree mismatch at {where!r}: checkpoint has a pytree node of class "
+                f"{node['class']}, target has {type(target).__qualname__}."
+            )
+        keys, children = found
+        if keys != stored:
+            raise ValueError(
+                f"Tree mismatch at {where!r}: the children of {node['class']} differ; "
+                f"checkpoint {stored}, target {keys} ({_class_name(type(target))})."
+            )
+        treedef = jax.tree_util.tree_structure(target, is_leaf=lambda x: x is not target)
+        node["_rebuild"] = treedef.unflatten  # type: ignore[attr-defined]
+    for key, child, value in zip(stored, node["children"], children, strict=True):
+        _check_target(child, value, leaves, _join_node_key(kp, key), plan)
+
+
+def _logical_dtype(meta: dict[str, Any]) -> np.dtype:
+    """The dtype of a saved array leaf as it was given (not its storage dtype)."""
+    logical = meta.get("logical_dtype")
+    return _VIEW_DTYPES[logical] if logical is not None else _DTYPES[meta["dtype"]]
 
 
 def _scalar_kind(x: Any) -> str | None:
@@ -1174,6 +1453,17 @@ def _to_jax(array: np.ndarray, sharding: Any) -> jax.Array:
 
 
 def _to_output(array: np.ndarray, meta: dict[str, Any], target: Any) -> Any:
+    if meta["kind"] == "prng_key":
+        keys = jax.random.wrap_key_data(jax.numpy.asarray(array), impl=meta["key_impl"])
+        sharding = getattr(target, "sharding", None) if target is not None else None
+        if isinstance(target, jax.Array):
+            try:
+                sharding = target.sharding
+            except Exception:  # a deleted array may not report its sharding
+                sharding = None
+        return keys if sharding is None else jax.device_put(keys, sharding)
+    if "logical_dtype" in meta:
+        array = array.view(_logical_dtype(meta))
     if isinstance(target, jax.ShapeDtypeStruct):
         return _to_jax(array, target.sharding)
     if isinstance(target, jax.Array):
@@ -1325,9 +1615,40 @@ def _build(node: dict[str, Any], values: dict[int, Any], leaves: list[dict[str, 
             k: _build(c, values, leaves)
             for k, c in zip(node["keys"], node["children"], strict=True)
         }
+    if kind == "ordered_dict":
+        return collections.OrderedDict(
+            (k, _build(c, values, leaves))
+            for k, c in zip(node["keys"], node["children"], strict=True)
+        )
+    if kind == "namedtuple" or kind == "node":
+        children = [_build(c, values, leaves) for c in node["children"]]
+        rebuild = node.get("_rebuild")  # set by _check_target from the target's class
+        if rebuild is not None:
+            return rebuild(children)
+        if kind == "node":  # without a target: a dict of the node's children
+            return dict(zip(node["keys"], children, strict=True))
+        return _namedtuple_class(node["class"], tuple(node["keys"]))._make(children)
     if kind == "list":
         return [_build(c, values, leaves) for c in node["children"]]
     if kind == "tuple":
         return tuple(_build(c, values, leaves) for c in node["children"])
     index = node["index"]
     return values[index] if index in values else _scalar_value(leaves[index])
+
+
+@functools.cache
+def _namedtuple_class(name: str, fields: tuple[str, ...]) -> Any:
+    """The namedtuple class ``module:qualname`` if its module is already imported and it
+    has these fields (no module is imported: a checkpoint never runs code); else a
+    namedtuple of the same name and fields."""
+    module, _, qualname = name.partition(":")
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if (
+        isinstance(found, type)
+        and issubclass(found, tuple)
+        and getattr(found, "_fields", None) == fields
+    ):
+        return found
+    return collections.namedtuple(qualname.rpartition(".")[2], fields)  # type: ignore[misc]
