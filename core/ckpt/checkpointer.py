@@ -26,16 +26,22 @@ from typing import Any, Self
 
 from upath import UPath
 
-from ckpt import _progress, _timing, tree_format
+from ckpt import _progress, _timing, multihost, tree_format
 from ckpt._storage_errors import translate
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.errors import CommitConflictError, CorruptCheckpointError
-from ckpt.manifest import MANIFEST_FILE
+from ckpt.manifest import MANIFEST_FILE, Manifest
 from ckpt.paths import to_path
 from ckpt.registry import Resolution, resolve
 from ckpt.step_metadata import StepMetadata, read_step_metadata
-from ckpt.temporary_path import FileOptions, TemporaryPath, content_path, delete_checkpoint
+from ckpt.temporary_path import (
+    FileOptions,
+    ReadOnlyTemporaryPath,
+    TemporaryPath,
+    content_path,
+    delete_checkpoint,
+)
 from ckpt.temporary_paths import PathState, path_state_async
 
 __all__ = ["ITEM_HANDLERS", "Checkpointer"]
@@ -85,6 +91,8 @@ class SaveRequest:
     replaced_old: bool = False
     #: Progress callback for the array writes (synchronous saves on a terminal).
     progress: _progress.ProgressCallback | None = None
+    #: The coordinated operation of a multi-process save (:mod:`ckpt.multihost`), else None.
+    operation: Any = None
 
     @property
     def backend(self) -> Backend:
@@ -134,7 +142,13 @@ async def _discard_after_failure(request: SaveRequest, exc: BaseException) -> No
 
 async def write_and_commit(request: SaveRequest) -> None:
     """Create the temporary path, write the tree, (with ``force``) delete the old
-    checkpoint, commit. On failure, discard this writer's temporary data and re-raise."""
+    checkpoint, commit. On failure, discard this writer's temporary data and re-raise.
+
+    In a multi-process job (see :mod:`ckpt.multihost`) this is
+    :func:`_write_and_commit_multiprocess`: the same call on every process."""
+    if request.operation is not None and request.operation.coordinator.multiprocess:
+        await _write_and_commit_multiprocess(request, request.operation)
+        return
     tmp, final, backend = request.tmp, request.final, request.backend
     try:
         request.phase = "directory_creation"
@@ -151,20 +165,123 @@ async def write_and_commit(request: SaveRequest) -> None:
                 progress=request.progress,
                 store_manifest=False,
             )
-        request.phase = "commit"
-        with _timing.timed("commit", path=final):
-            if request.force and await backend.exists(final):
-                logger.info("force=True: deleting the existing checkpoint %s", final)
-                request.replaced_old = True
-                await delete_checkpoint(backend, final)
-            await tmp.finalize()
-        request.phase = "committed"
+        await _commit(request)
     except BaseException as exc:  # includes cancellation by a timeout
         await _discard_after_failure(request, exc)
         translated = translate(exc, action="Saving", path=final, backend=backend)
         if translated is not exc:
             raise translated from exc
         raise
+    _timing.record_duration(
+        "total", time.perf_counter() - request.start, path=final, level=logging.INFO
+    )
+
+
+async def _commit(request: SaveRequest) -> None:
+    """(With ``force``) delete the old checkpoint, then commit the written temporary."""
+    tmp, final, backend = request.tmp, request.final, request.backend
+    request.phase = "commit"
+    with _timing.timed("commit", path=final):
+        if request.force and await backend.exists(final):
+            logger.info("force=True: deleting the existing checkpoint %s", final)
+            request.replaced_old = True
+            await delete_checkpoint(backend, final)
+        await tmp.finalize()
+    request.phase = "committed"
+
+
+def _status(error: BaseException | None, payload: dict[str, Any] | None = None) -> bytes:
+    doc: dict[str, Any] = {"ok": error is None, **(payload or {})}
+    if error is not None:
+        doc["error"] = f"{type(error).__name__}: {error}"
+    return json.dumps(doc).encode()
+
+
+def _parse_status(data: bytes, what: str, process: int) -> dict[str, Any]:
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or not doc.get("ok"):
+        error = doc.get("error") if isinstance(doc, dict) else repr(doc)
+        raise RuntimeError(f"{what} failed in process {process}: {error}")
+    return doc
+
+
+async def _write_and_commit_multiprocess(request: SaveRequest, op: Any) -> None:
+    """One save made by every process of a job (``op``: its :class:`ckpt.multihost.Operation`).
+
+    1. The primary creates the temporary and hands its path to the others (key-value
+       store, as ``ReadOnlyTemporaryPath`` JSON; not a barrier).
+    2. Every process writes its own shards; each publishes the manifest of what it wrote
+       (or its error). Barrier ``written``.
+    3. The primary merges the manifests and commits, unless a process failed; it publishes
+       the outcome. Barrier ``committed``; every process raises if the save failed.
+
+    Two barriers; a process that dies or stalls makes the others raise TimeoutError at the
+    next barrier, and nothing is committed."""
+    tmp, final, backend = request.tmp, request.final, request.backend
+    primary = op.coordinator.is_primary
+    assert request.prepared is not None, "a save request is written only once"
+    # -- 1. the temporary path ---------------------------------------------------------
+    if primary:
+        try:
+            request.phase = "directory_creation"
+            await tmp.create()
+        except BaseException as exc:
+            await asyncio.to_thread(op.publish, "tmp", _status(exc))
+            await _discard_after_failure(request, exc)
+            raise
+        shared = ReadOnlyTemporaryPath.from_paths(temporary_path=tmp.get(), final_path=final)
+        status = _status(None, {"path": shared.to_bytes().decode()})
+        await asyncio.to_thread(op.publish, "tmp", status)
+        where = tmp.get()
+    else:
+        received = await asyncio.to_thread(op.receive, "tmp", 0)
+        doc = _parse_status(received, "Creating the temporary", 0)
+        where = ReadOnlyTemporaryPath.from_bytes(doc["path"].encode()).get()
+    # -- 2. every process writes its part --------------------------------------------------
+    request.phase = "write"
+    error: BaseException | None = None
+    written = Manifest()
+    try:
+        written = await tree_format.write(
+            backend, where, request.prepared, progress=request.progress,
+            store_manifest=False, primary=primary,
+        )
+    except Exception as exc:
+        error = exc
+    await asyncio.to_thread(
+        op.publish, "written", _status(error, {"files": written.to_bytes().decode()})
+    )
+    try:
+        await asyncio.to_thread(op.barrier, "written")
+    except BaseException as exc:
+        if primary:
+            await _discard_after_failure(request, exc)
+        raise
+    # -- 3. the primary commits ------------------------------------------------------------
+    if primary:
+        try:
+            if error is not None:
+                raise error
+            merged = Manifest()
+            merged.merge(written)
+            for process in range(1, op.coordinator.process_count):
+                doc = _parse_status(
+                    await asyncio.to_thread(op.receive, "written", process), "Writing", process
+                )
+                merged.merge(Manifest.from_bytes(doc["files"].encode(), f"process {process}"))
+            tmp.manifest = merged
+            await _commit(request)
+        except BaseException as exc:
+            await asyncio.to_thread(op.publish, "outcome", _status(exc))
+            await _discard_after_failure(request, exc)
+            await asyncio.to_thread(op.barrier, "committed")
+            raise
+        await asyncio.to_thread(op.publish, "outcome", _status(None))
+    await asyncio.to_thread(op.barrier, "committed")
+    if not primary:
+        if error is not None:
+            raise error
+        _parse_status(await asyncio.to_thread(op.receive, "outcome", 0), "Committing", 0)
     _timing.record_duration(
         "total", time.perf_counter() - request.start, path=final, level=logging.INFO
     )
@@ -349,7 +466,11 @@ class Checkpointer:
             "checkpointer_blocking_duration_secs": blocking,
         }
         _timing.record_duration("blocking", blocking, path=final)
-        return SaveRequest(final, resolution, tmp, prepared, force, start)
+        request = SaveRequest(final, resolution, tmp, prepared, force, start)
+        coordinator = multihost.current()
+        if coordinator.multiprocess:
+            request.operation = coordinator.operation("save", final)
+        return request
 
     # -- public API ----------------------------------------------------------------------
     def save(

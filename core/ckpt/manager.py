@@ -18,6 +18,7 @@ Background work never delays training and never endangers a checkpoint:
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from typing import Any, Self
 
 from upath import UPath
 
-from ckpt import _exit
+from ckpt import _exit, multihost
 from ckpt._sync import run as run_sync
 from ckpt.async_checkpointer import AsyncCheckpointer
 from ckpt.backend import Backend
@@ -134,11 +135,14 @@ class CheckpointManager:
         )
         self._deletions: list[concurrent.futures.Future[Any]] = []
         self._closed = False
+        # Several processes (jax.distributed): the primary lists, cleans up and deletes; the
+        # others learn the steps from it (see ckpt.multihost).
+        self._coordinator = multihost.current()
         self.reload()
         # Its own thread: a slow cleanup delays neither saves nor deletions (nor restores).
         self._cleanup_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._cleanup: concurrent.futures.Future[Any] | None = None
-        if cleanup_tmp_directories:
+        if cleanup_tmp_directories and self._coordinator.is_primary:
             self._cleanup_executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="ckpt-cleanup"
             )
@@ -199,7 +203,7 @@ class CheckpointManager:
             if self._max_to_keep is not None:
                 for old in sorted(self._steps)[: -self._max_to_keep]:
                     doomed[old] = self._steps.pop(old)
-            if doomed:
+            if doomed and self._coordinator.is_primary:  # retention: the primary's job
                 self._deletions = [f for f in self._deletions if not f.done()]
                 self._deletions.append(self._background.submit(self._delete_in_background, doomed))
 
@@ -236,10 +240,27 @@ class CheckpointManager:
         On backends whose listing alone decides commits (``names_decide_commit``), the
         commit evidence of the latest step is checked (one request); steps without it (a
         prefix copied without its marker, another writer's save in progress) are dropped
-        until the newest committed one."""
-        listed = list(self._name_format.find_all(self.directory))
-        latest = newest_with_evidence(self._resolution, listed)
-        found = {m.step: m.path for m in listed if latest is not None and m.step <= latest.step}
+        until the newest committed one.
+
+        With several processes only the primary lists; the others receive its result (so
+        N processes cost the store one listing)."""
+        op = (
+            self._coordinator.operation("reload", self.directory)
+            if self._coordinator.multiprocess
+            else None
+        )
+        found: dict[int, UPath] = {}
+        if op is None or self._coordinator.is_primary:
+            listed = list(self._name_format.find_all(self.directory))
+            latest = newest_with_evidence(self._resolution, listed)
+            found = {
+                m.step: m.path for m in listed if latest is not None and m.step <= latest.step
+            }
+        if op is not None:
+            shared = op.broadcast(
+                "steps", json.dumps({str(k): str(v) for k, v in found.items()}).encode()
+            )
+            found = {int(k): to_path(v) for k, v in json.loads(shared).items()}
         with self._lock:
             self._steps = found
 
@@ -343,7 +364,15 @@ class CheckpointManager:
         self._collect()
         self._wait_for_deletions()
         path = self._step_path(int(step))
-        run_sync(delete_checkpoint(self._backend, path))
+        op = (
+            self._coordinator.operation("delete", path)
+            if self._coordinator.multiprocess
+            else None
+        )
+        if op is None or self._coordinator.is_primary:
+            run_sync(delete_checkpoint(self._backend, path))
+        if op is not None:
+            op.barrier("deleted")  # every process returns once the step is gone
         with self._lock:
             self._steps.pop(int(step), None)
 

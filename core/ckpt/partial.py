@@ -52,7 +52,7 @@ from typing import Any
 
 from upath import UPath
 
-from ckpt import tree_format
+from ckpt import multihost, tree_format
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.checkpointer import ITEM_HANDLERS, check_custom_metadata, occupied, write_and_commit
@@ -174,11 +174,17 @@ def save_async(
             "new partial save."
         )
     prepared = tree_format.prepare(tree)
-    piece = session / f"{PIECE_PREFIX}{unique_token()}"
+    coordinator = multihost.current()
+    op = coordinator.operation("partial-save", final) if coordinator.multiprocess else None
+    name = f"{PIECE_PREFIX}{unique_token()}"
+    if op is not None:  # every process writes (its shards of) the primary's piece
+        name = op.broadcast("piece", name.encode()).decode()
+    piece = session / name
     tmp = resolution.strategy.from_final(piece, backend=resolution.backend)
     tmp.metadata.custom_metadata = custom
     tmp.metadata.item_handlers = dict(ITEM_HANDLERS)
     request = _SaveRequest(piece, resolution, tmp, prepared, False, start)
+    request.operation = op
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="ckpt-partial-save"
     )
@@ -410,6 +416,33 @@ def finalize(path: Any, *, atomicity: str | None = None, backend: Backend | None
     """
     final, session = _final_and_session(path)
     resolution = resolve(final, atomicity, backend=backend)
+    backend = resolution.backend
+    coordinator = multihost.current()
+    if coordinator.multiprocess:
+        # The primary merges and commits (no array data moves between processes); the
+        # others wait for its outcome.
+        op = coordinator.operation("partial-finalize", final)
+        error: BaseException | None = None
+        if coordinator.is_primary:
+            try:
+                _finalize_here(final, session, resolution)
+            except BaseException as exc:
+                error = exc
+            status = {"ok": error is None, "error": f"{type(error).__name__}: {error}"}
+            op.publish("outcome", json.dumps(status).encode())
+        op.barrier("finalized")
+        if error is not None:
+            raise error
+        if not coordinator.is_primary:
+            doc = json.loads(op.receive("outcome", 0))
+            if not doc["ok"]:
+                raise RuntimeError(f"Finalizing {final} failed in process 0: {doc['error']}")
+        return
+    _finalize_here(final, session, resolution)
+
+
+def _finalize_here(final: UPath, session: UPath, resolution: Resolution) -> None:
+    """:func:`finalize` in this process."""
     backend = resolution.backend
 
     async def run() -> None:

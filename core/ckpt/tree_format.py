@@ -214,6 +214,10 @@ class _ArrayItem:
     dtype: np.dtype
     chunks: tuple[int, ...]
     data: Any
+    #: A multi-process array: ``data`` lists only the ``(index, host data)`` shards this
+    #: process writes (its addressable shards with ``replica_id == 0``), and ``chunks``
+    #: tile every shard exactly, so each chunk file has exactly one writer.
+    partial: bool = False
 
 
 @dataclasses.dataclass
@@ -305,15 +309,34 @@ def _is_cpu(x: jax.Array) -> bool:
     return all(d.platform == "cpu" for d in devices)
 
 
+def _shard_chunks(shard_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks that tile a shard of ``shard_shape`` exactly: the shard, split along axis 0
+    into the largest number of rows that divides it and fits :data:`CHUNK_BYTES`."""
+    if not shard_shape or 0 in shard_shape:
+        return tuple(max(1, d) for d in shard_shape)
+    inner = math.prod(shard_shape[1:]) * itemsize
+    rows = shard_shape[0]
+    fit = max(1, CHUNK_BYTES // inner) if inner else rows
+    best = max((d for d in range(1, min(rows, fit) + 1) if rows % d == 0), default=1)
+    return (best, *shard_shape[1:])
+
+
+def _local_shards(x: jax.Array) -> list[tuple[Any, np.ndarray]]:
+    """The shards of a multi-process array this process writes: addressable, replica 0."""
+    out = []
+    for shard in x.addressable_shards:
+        if shard.replica_id == 0:
+            out.append((shard.index, np.asarray(shard.data)))
+    return out
+
+
 def _snapshot_jax(x: jax.Array, keypath: str, copy: bool) -> Any:
     """Cheap, donation-safe snapshot of a jax array (see :class:`_ArrayItem`)."""
     if x.is_deleted():
         raise ValueError(f"Leaf {_display(keypath)!r}: the jax array has been deleted.")
     if not x.is_fully_addressable:
-        raise ValueError(
-            f"Leaf {_display(keypath)!r}: the jax array spans several processes; "
-            "tree_format saves only fully addressable arrays."
-        )
+        # Host copies (CPU: zero-copy views) of this process's shards only.
+        return _local_shards(x)
     if _is_cpu(x):
         # A numpy view of a CPU buffer is zero-copy; it keeps the buffer alive even if
         # the caller deletes or donates the array (XLA then skips the donation).
@@ -353,6 +376,10 @@ def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
         index = len(leaves)
         subpath = f"{ARRAYS_DIR}/{index}"
         chunks = _chunk_shape(shape, dtype.itemsize)
+        partial = isinstance(value, jax.Array) and not value.is_fully_addressable
+        if partial:
+            shard_shape = tuple(int(d) for d in value.sharding.shard_shape(value.shape))
+            chunks = _shard_chunks(shard_shape, dtype.itemsize)
         if isinstance(value, jax.Array):
             data = _snapshot_jax(value, keypath, copy)
             if dtype != logical:
@@ -363,7 +390,7 @@ def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
             data = np.array(value, dtype=logical, copy=copy or None)
             if dtype != logical:
                 data = data.view(dtype)
-        arrays.append(_ArrayItem(index, subpath, shape, dtype, chunks, data))
+        arrays.append(_ArrayItem(index, subpath, shape, dtype, chunks, data, partial))
         meta = {
             "keypath": keypath,
             "kind": kind,
@@ -376,6 +403,10 @@ def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
         }
         if dtype != logical:
             meta["logical_dtype"] = logical.name
+        if partial:
+            # How it was written (the global array; not the writers' mesh, which a restore
+            # need not share).
+            meta["written"] = {"processes": jax.process_count(), "shard_shape": list(shard_shape)}
         return meta
 
     def leaf(value: Any, keypath: str) -> dict[str, Any]:
@@ -541,6 +572,8 @@ async def _host_data(item: _ArrayItem) -> Any:
     if isinstance(item.data, jax.Array):
         # The device-to-host copy was started by prepare(); wait for it off the loop.
         return await asyncio.to_thread(np.asarray, item.data)
+    if isinstance(item.data, list) and item.partial:
+        return item.data  # this process's shards of a multi-process array
     if isinstance(item.data, list):
         # Shards of a multi-device CPU array: one host array, so that each chunk's bytes
         # (and checksum) come from one place.
@@ -556,11 +589,14 @@ def _chunk_key(index: tuple[int, ...]) -> str:
     return "/".join(("c", *map(str, index)))
 
 
-def _chunk_records(data: np.ndarray, chunks: tuple[int, ...]) -> dict[str, FileRecord]:
+def _chunk_records(
+    data: np.ndarray, chunks: tuple[int, ...], origin: tuple[int, ...] | None = None
+) -> dict[str, FileRecord]:
     """Size and CRC32C of every chunk file tensorstore writes for ``data``, computed from
     ``data`` itself: a zarr3 chunk (``bytes`` codec, little-endian, no compression) holds
     the chunk's elements in C order, edge chunks padded with the fill value (zero) to the
-    full chunk shape. Keys are chunk keys relative to the array directory."""
+    full chunk shape. Keys are chunk keys relative to the array directory; ``origin`` is
+    the chunk index of ``data``'s first element (a shard of a larger array), default 0."""
     shape = data.shape
     if 0 in shape:
         return {}
@@ -580,7 +616,8 @@ def _chunk_records(data: np.ndarray, chunks: tuple[int, ...]) -> dict[str, FileR
             padded = np.zeros(chunks, data.dtype)
             padded[tuple(slice(0, n) for n in region.shape)] = region
             crc = crc32c(padded.reshape(-1).view(np.uint8))
-        records[_chunk_key(index)] = FileRecord(chunk_bytes, crc)
+        key = index if origin is None else tuple(i + o for i, o in zip(index, origin, strict=True))
+        records[_chunk_key(key)] = FileRecord(chunk_bytes, crc)
     return records
 
 
@@ -589,9 +626,10 @@ def _array_spec(backend: Backend, directory: UPath, subpath: str) -> dict[str, A
 
 
 async def _write_array(
-    backend: Backend, directory: UPath, item: _ArrayItem, context: ts.Context
+    backend: Backend, directory: UPath, item: _ArrayItem, context: ts.Context, primary: bool
 ) -> dict[str, FileRecord]:
-    """Write one array: ``zarr.json`` through the backend, the chunks with tensorstore.
+    """Write one array: ``zarr.json`` through the backend (``primary`` only), the chunks
+    (of a multi-process array: this process's shards) with tensorstore.
 
     Returns the manifest records of the files written (relative to ``directory``)."""
     spec = _array_spec(backend, directory, item.subpath)
@@ -613,24 +651,47 @@ async def _write_array(
     )
     zarr_json = json.dumps(store.spec().to_json()["metadata"]).encode()
     array_dir = _subpath(directory, item.subpath)
-    records = {f"{item.subpath}/zarr.json": FileRecord(len(zarr_json), crc32c(zarr_json))}
-    try:
-        # Created, never replaced: an existing array is refused before any chunk is written.
-        await backend.create_exclusive(array_dir / "zarr.json", zarr_json)
-    except FileExistsError:
-        raise ValueError(
-            f"An array already exists at {array_dir}; write a tree to a fresh directory."
-        ) from None
-    if 0 not in item.shape:
-        data = await _host_data(item)
-        checksums = asyncio.ensure_future(
-            asyncio.to_thread(_chunk_records, np.asarray(data), item.chunks)
-        )
+    records: dict[str, FileRecord] = {}
+    if primary:
+        records[f"{item.subpath}/zarr.json"] = FileRecord(len(zarr_json), crc32c(zarr_json))
         try:
+            # Created, never replaced: an existing array is refused before any chunk.
+            await backend.create_exclusive(array_dir / "zarr.json", zarr_json)
+        except FileExistsError:
+            raise ValueError(
+                f"An array already exists at {array_dir}; write a tree to a fresh directory."
+            ) from None
+    if 0 in item.shape or not (primary or item.partial):
+        return records  # a process-local array of a multi-process save: the primary's copy
+    data = await _host_data(item)
+    if item.partial:
+        pieces = [(tuple(index), np.asarray(view)) for index, view in data]
+    else:
+        pieces = [(tuple(slice(0, n) for n in item.shape), np.asarray(data))]
+
+    def checksums() -> dict[str, FileRecord]:
+        out: dict[str, FileRecord] = {}
+        for index, view in pieces:
+            origin = tuple(
+                (sl.start or 0) // c for sl, c in zip(index, item.chunks, strict=True)
+            )
+            out.update(_chunk_records(view, item.chunks, origin))
+        return out
+
+    computing = asyncio.ensure_future(asyncio.to_thread(checksums))
+    try:
+        if item.partial:
+            await asyncio.gather(
+                *(
+                    store[index].write(view, can_reference_source_data_indefinitely=True)
+                    for index, view in pieces
+                )
+            )
+        else:
             await store.write(data, can_reference_source_data_indefinitely=True)
-        finally:
-            chunk_records = await checksums
-        records.update({f"{item.subpath}/{k}": r for k, r in chunk_records.items()})
+    finally:
+        chunk_records = await computing
+    records.update({f"{item.subpath}/{k}": r for k, r in chunk_records.items()})
     return records
 
 
@@ -649,6 +710,7 @@ async def write(
     durable: bool = True,
     progress: Callable[[int, int], None] | None = None,
     store_manifest: bool = True,
+    primary: bool = True,
 ) -> Manifest:
     """Write ``prepared`` under ``directory``: all arrays concurrently, then :data:`TREE_FILE`.
 
@@ -665,6 +727,10 @@ async def write(
         written to ``directory``/:data:`ckpt.manifest.MANIFEST_FILE`; a checkpointer passes
         False, adds the step metadata and has the strategy store it before the commit.
 
+    In a multi-process save every process calls this with the same tree: each writes the
+    chunks of its own shards; only the ``primary`` writes the ``zarr.json`` files and
+    :data:`TREE_FILE` (the others return before it, with the records of their chunks).
+
     Raises:
         OSError: a write failed. Every write of this call has finished (or been cancelled)
             before the error is raised, so nothing writes into ``directory`` afterwards.
@@ -677,7 +743,7 @@ async def write(
     manifest = Manifest()
 
     async def one(item: _ArrayItem) -> None:
-        records = await _write_array(backend, directory, item, context)
+        records = await _write_array(backend, directory, item, context, primary)
         manifest.files.update(records)
         if progress is not None:
             progress(int(np.prod(item.shape)) * item.dtype.itemsize, total)
@@ -694,6 +760,8 @@ async def write(
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     data = json.dumps(prepared.metadata(), ensure_ascii=True, allow_nan=False).encode()
+    if not primary:
+        return manifest
     await backend.write_bytes(directory / TREE_FILE, data)
     manifest.add(TREE_FILE, data)
     if store_manifest:
@@ -1477,6 +1545,66 @@ def _to_output(array: np.ndarray, meta: dict[str, Any], target: Any) -> Any:
     return array
 
 
+def _target_sharding(target: Any) -> Any:
+    """The sharding a target leaf asks for, or None."""
+    if isinstance(target, jax.ShapeDtypeStruct):
+        return target.sharding
+    if isinstance(target, jax.Array):
+        try:
+            return target.sharding
+        except Exception:  # a deleted array may not report its sharding
+            return None
+    return None
+
+
+def _per_shard(sharding: Any) -> bool:
+    """Whether to read shard by shard: the sharding spans other processes' devices (a
+    full read per process would read what others need)."""
+    return not sharding.is_fully_addressable
+
+
+async def _read_sharded(
+    backend: Backend,
+    directory: UPath,
+    meta: dict[str, Any],
+    sharding: Any,
+    context: ts.Context,
+    integrity: _Integrity | None,
+) -> jax.Array:
+    """The array of leaf ``meta`` as a global jax array placed by ``sharding``, this process
+    reading only the regions of its addressable devices (each distinct region once)."""
+    shape = tuple(meta["shape"])
+    if integrity is not None and integrity.verify_checksums:
+        await integrity.verify_files(
+            [r for r in integrity.files_of.get(meta["path"], []) if not r.endswith("zarr.json")]
+        )
+    store = await ts.open(_array_spec(backend, directory, meta["path"]), open=True,
+                          context=context)
+    if list(store.shape) != list(shape):
+        raise ValueError(
+            f"Leaf {_display(meta['keypath'])!r}: array {directory / meta['path']} holds "
+            f"shape {tuple(store.shape)}, metadata says {shape}."
+        )
+    indices = sharding.addressable_devices_indices_map(shape)
+    regions: dict[tuple[tuple[int, int], ...], Any] = {}
+    for index in indices.values():
+        key = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape, strict=True))
+        if key not in regions:
+            regions[key] = store[index].read()
+    keys = list(regions)
+    values = await asyncio.gather(*(regions[k] for k in keys))
+    found = dict(zip(keys, values, strict=True))
+    logical = _logical_dtype(meta) if "logical_dtype" in meta else None
+    arrays = []
+    for device, index in indices.items():
+        key = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape, strict=True))
+        region = np.asarray(found[key])
+        if logical is not None:
+            region = region.view(logical)
+        arrays.append(jax.device_put(region, device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 async def _check_against_manifest(
     backend: Backend, directory: UPath, tree_raw: bytes, checkpoint: str | None
 ) -> None:
@@ -1576,6 +1704,16 @@ async def read(
         progress(0, total)
 
     async def read_leaf(i: int) -> Any:
+        sharding = _target_sharding(plan.get(i))
+        if sharding is not None and leaves[i]["kind"] != "prng_key" and _per_shard(sharding):
+            # Each process reads only the regions of its own devices' shards (tensorstore
+            # reads just the chunks that overlap them).
+            out = await _read_sharded(
+                backend, directory, leaves[i], sharding, context, integrity
+            )
+            if progress is not None:
+                progress(_leaf_nbytes(leaves[i]), total)
+            return out
         array = await _read_array(backend, directory, leaves[i], context, pool, integrity)
         if progress is not None:
             progress(_leaf_nbytes(leaves[i]), total)
