@@ -42,12 +42,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
-from bench_local_save import evict, fsync_dir  # noqa: E402
+import jax
+import ml_dtypes
+import numpy as np
+from bench_local_save import evict, fsync_dir
 
-import ckpt  # noqa: E402
+import ckpt
 
 
 def small_tree(n: int = 4800) -> dict[str, Any]:
