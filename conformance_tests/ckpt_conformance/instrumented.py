@@ -149,3 +149,11 @@ class InstrumentedBackend(Backend):
     async def file_size(self, path: UPath) -> int:
         await self.hook("file_size", path)
         return await self.inner.file_size(path)
+
+    async def modified_ns(self, path: UPath) -> int | None:
+        await self.hook("modified_ns", path)
+        return await self.inner.modified_ns(path)
+
+    async def apply_dir_mode(self, path: UPath, mode: int) -> None:
+        await self.hook("apply_dir_mode", path)
+        await self.inner.apply_dir_mode(path, mode)

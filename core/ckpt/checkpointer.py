@@ -136,13 +136,18 @@ async def write_and_commit(request: SaveRequest) -> None:
     checkpoint, commit. On failure, discard this writer's temporary data and re-raise."""
     tmp, final, backend = request.tmp, request.final, request.backend
     try:
+        mode = tmp.file_options.path_permission_mode
         request.phase = "directory_creation"
         with _timing.timed("directory_creation", path=final):
+            if mode is not None:  # missing parents get the mode too
+                await backend.mkdir(tmp.get().parent, parents=True, exist_ok=True, mode=mode)
             await tmp.create()
         request.phase = "write"
         with _timing.timed("write", path=final):
             assert request.prepared is not None, "a save request is written only once"
             await tree_format.write(backend, tmp.get(), request.prepared, progress=request.progress)
+            if mode is not None:  # the directories tensorstore made, before the commit
+                await backend.apply_dir_mode(tmp.get(), mode)
         request.phase = "commit"
         with _timing.timed("commit", path=final):
             if request.force and await backend.exists(final):
