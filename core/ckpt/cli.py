@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -109,10 +108,11 @@ def _errors_as_one_line(func: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
-            if _State.debug:
+            # Usage errors (click's, through typer) keep click's own report.
+            if _State.debug or type(exc).__module__.split(".")[0] == "click":
                 raise
             location = next(
                 (kwargs[k] for k in ("directory", "path") if isinstance(kwargs.get(k), str)),
