@@ -153,3 +153,11 @@ class InstrumentedBackend(Backend):
     async def file_sizes(self, path: UPath) -> dict[str, int]:
         await self.hook("file_sizes", path)
         return await self.inner.file_sizes(path)
+
+    async def modified_ns(self, path: UPath) -> int | None:
+        await self.hook("modified_ns", path)
+        return await self.inner.modified_ns(path)
+
+    async def apply_dir_mode(self, path: UPath, mode: int) -> None:
+        await self.hook("apply_dir_mode", path)
+        await self.inner.apply_dir_mode(path, mode)

@@ -123,7 +123,9 @@ class Backend(abc.ABC):
     async def mkdir(
         self, path: UPath, *, parents: bool = True, exist_ok: bool = True, mode: int | None = None
     ) -> None:
-        """Create a directory. Stores without real directories may do nothing."""
+        """Create a directory (and, with ``parents``, its missing parents). With ``mode``
+        (backends with ``permissions``), every directory created gets exactly that mode,
+        whatever the umask. Stores without real directories may do nothing."""
 
     @abc.abstractmethod
     async def list_dir(self, path: UPath) -> list[Entry]:
@@ -226,6 +228,18 @@ class Backend(abc.ABC):
 
         await walk(path, "")
         return out
+
+    async def apply_dir_mode(self, path: UPath, mode: int) -> None:
+        """Give ``path`` and every directory under it the permission ``mode`` (whatever the
+        umask; for directories made by tensorstore too). No-op unless the backend declares
+        ``permissions``."""
+        return None
+
+    async def modified_ns(self, path: UPath) -> int | None:
+        """When anything under ``path`` was last modified (nanoseconds since the epoch):
+        the newest modification time of the tree. None if the store cannot tell (then
+        ``ckpt gc --older-than`` judges a temporary by the creation time in its name)."""
+        return None
 
     # -- array data ----------------------------------------------------------
     @abc.abstractmethod

@@ -151,8 +151,11 @@ async def write_and_commit(request: SaveRequest) -> None:
         return
     tmp, final, backend = request.tmp, request.final, request.backend
     try:
+        mode = tmp.file_options.path_permission_mode
         request.phase = "directory_creation"
         with _timing.timed("directory_creation", path=final):
+            if mode is not None:  # missing parents get the mode too
+                await backend.mkdir(tmp.get().parent, parents=True, exist_ok=True, mode=mode)
             await tmp.create()
         request.phase = "write"
         with _timing.timed("write", path=final):
@@ -165,6 +168,8 @@ async def write_and_commit(request: SaveRequest) -> None:
                 progress=request.progress,
                 store_manifest=False,
             )
+            if mode is not None:  # the directories tensorstore made, before the commit
+                await backend.apply_dir_mode(tmp.get(), mode)
         await _commit(request)
     except BaseException as exc:  # includes cancellation by a timeout
         await _discard_after_failure(request, exc)

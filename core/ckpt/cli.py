@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
+import os
+import shlex
+import shutil
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -13,7 +20,7 @@ from rich.table import Table
 
 from ckpt import _progress, _sync, config, registry
 from ckpt.backend import Backend
-from ckpt.layout import WRITERS_DIR
+from ckpt.layout import WRITERS_DIR, is_temporary_name
 from ckpt.paths import to_path
 from ckpt.plugins import manager as plugin_manager
 from ckpt.step_metadata import read_step_metadata
@@ -45,6 +52,91 @@ def main() -> None:
     app()
 
 
+class _State:
+    debug = False
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of an error.")
+    ] = False,
+) -> None:
+    """ckpt: atomic checkpoints on any storage."""
+    _State.debug = debug or bool(os.environ.get("CKPT_DEBUG"))
+
+
+#: Missing-credential errors of the storage clients (matched by name: no client is imported
+#: here), and what to set, per scheme.
+_CREDENTIAL_ERRORS = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "DefaultCredentialsError",
+    "RefreshError",
+}
+_CREDENTIAL_HINTS = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE for a profile in "
+    "~/.aws/credentials)",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
+    "`gcloud auth application-default login`",
+}
+_CREDENTIAL_HINTS["s3a"] = _CREDENTIAL_HINTS["s3"]
+_CREDENTIAL_HINTS["gcs"] = _CREDENTIAL_HINTS["gs"]
+
+
+class _UserError(Exception):
+    """An everyday mistake, reported as one line (the message) without a traceback."""
+
+
+def _one_line(exc: BaseException, location: str | None) -> str:
+    name = type(exc).__name__
+    if name in _CREDENTIAL_ERRORS:
+        scheme = registry.scheme_of(location) if location else ""
+        hint = _CREDENTIAL_HINTS.get(scheme, "configure the storage client's credentials")
+        return f"no credentials for {location} ({name}: {exc}); {hint}."
+    text = " ".join(str(exc).split())
+    if isinstance(exc, _UserError):
+        return text
+    return f"{name}: {text}" if text else name
+
+
+def _errors_as_one_line(func: Callable[..., None]) -> Callable[..., None]:
+    """Report an error of a command as one line on stderr and exit 1 (``--debug``: raise
+    it with its traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            # Usage errors (click's, through typer) keep click's own report.
+            if _State.debug or type(exc).__module__.split(".")[0] == "click":
+                raise
+            location = next(
+                (kwargs[k] for k in ("directory", "path") if isinstance(kwargs.get(k), str)),
+                None,
+            )
+            message = _one_line(exc, location)
+            print(
+                f"ckpt {func.__name__}: error: {message} (--debug shows the traceback)",
+                file=sys.stderr,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+async def _require_dir(backend: Backend, root: Any) -> None:
+    """_UserError unless ``root`` is an existing directory."""
+    if await backend.is_dir(root):
+        return
+    if await backend.exists(root):
+        raise _UserError(f"{root} is a file, not a directory of checkpoints.")
+    raise _UserError(f"{root} does not exist ({backend.describe()}).")
+
+
 def _human(n: int | None) -> str:
     if n is None:
         return "-"
@@ -63,13 +155,28 @@ def _when(ns: int | None) -> str:
 
 
 # -- ls ---------------------------------------------------------------------------------------
-async def _describe_entries(root: Any, res: registry.Resolution) -> list[dict[str, Any]]:
+def _is_step_or_temporary(name: str) -> bool:
+    """A step name of the standard formats (``N``, ``<prefix>_N``) or a temporary's."""
+    if is_temporary_name(name):
+        return True
+    return name.isdigit() or (
+        "_" in name and name.rpartition("_")[2].isdigit() and bool(name.rpartition("_")[0])
+    )
+
+
+async def _describe_entries(
+    root: Any, res: registry.Resolution
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of the steps and temporaries; names of the other directories."""
     backend: Backend = res.backend
-    entries = [
+    await _require_dir(backend, root)
+    listed = [
         e
         for e in await backend.list_dir(root)
         if e.is_dir and not e.is_link and e.name != WRITERS_DIR
     ]
+    entries = [e for e in listed if _is_step_or_temporary(e.name)]
+    others = sorted(e.name for e in listed if not _is_step_or_temporary(e.name))
     writers = [
         t.get()
         for t in await all_temporary_paths_async(root, backend)
@@ -89,12 +196,13 @@ async def _describe_entries(root: Any, res: registry.Resolution) -> list[dict[st
         row["size"] = await backend.tree_size(where)
         return row
 
-    return list(
+    rows = list(
         await asyncio.gather(
             *(one(root / e.name, e.name) for e in entries),
             *(one(w, f"{WRITERS_DIR}/{w.name}") for w in writers),
         )
     )
+    return rows, others
 
 
 def _step_key(name: str) -> tuple[int, str]:
@@ -107,14 +215,17 @@ def _step_key(name: str) -> tuple[int, str]:
 
 
 @app.command("ls")
+@_errors_as_one_line
 def ls(
     directory: Annotated[str, typer.Argument(help="Checkpoint root (path or URL).")],
     atomicity: Annotated[str | None, typer.Option(help="Strategy to judge commits by.")] = None,
 ) -> None:
-    """List checkpoints with their state (finalized/temporary/unknown), size and commit time."""
+    """List checkpoints with their state (finalized/temporary/unknown), size and commit time.
+
+    Directories whose names are not steps (``N`` or ``<prefix>_N``) are listed apart."""
     root = to_path(directory)
     res = registry.resolve(root, atomicity)
-    rows = _sync.run(_describe_entries(root, res))
+    rows, others = _sync.run(_describe_entries(root, res))
     table = Table(title=f"{root}  ({res.backend.describe()}, strategy {res.name})")
     for col in ("name", "state", "size", "committed"):
         table.add_column(col, justify="right" if col == "size" else "left")
@@ -130,22 +241,58 @@ def ls(
     _io.out.print(table)
     if not rows:
         _io.out.print("no checkpoints here")
+    if others:
+        _io.out.print(
+            "not checkpoint steps (names are not N or <prefix>_N; ignored): "
+            + ", ".join(f"{name}/" for name in others),
+            markup=False,
+        )
 
 
 # -- gc ---------------------------------------------------------------------------------------
+async def _old_temporaries(root: Any, backend: Backend, older_than: float) -> tuple[list[Any], int]:
+    """The temporaries under ``root`` older than ``older_than`` seconds by their newest
+    modification time (by the creation time in their name where the store cannot tell);
+    and how many younger ones were spared."""
+    await _require_dir(backend, root)
+    temps = await all_temporary_paths_async(root, backend)
+    if not older_than:
+        return temps, 0
+    cutoff = time.time_ns() - int(older_than * 1e9)
+    by_name = {
+        str(t.get())
+        for t in await all_temporary_paths_async(root, backend, created_before_ns=cutoff)
+    }
+    stamps = await asyncio.gather(*(backend.modified_ns(t.get()) for t in temps))
+    old = [
+        t
+        for t, stamp in zip(temps, stamps, strict=True)
+        if (stamp < cutoff if stamp is not None else str(t.get()) in by_name)
+    ]
+    return old, len(temps) - len(old)
+
+
 @app.command("gc")
+@_errors_as_one_line
 def gc(
     directory: Annotated[str, typer.Argument(help="Checkpoint root (path or URL).")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would go.")] = False,
     older_than: Annotated[
-        float, typer.Option(help="Spare temporaries younger than this many seconds.")
+        float,
+        typer.Option(
+            help="Spare temporaries modified less than this many seconds ago (whoever "
+            "wrote them: ckpt, Orbax, ...)."
+        ),
     ] = 0.0,
 ) -> None:
     """Remove temporary checkpoints (never finalized or unknown directories, never symlinks)."""
     root = to_path(directory)
     res = registry.resolve(root)
-    cutoff = time.time_ns() - int(older_than * 1e9) if older_than else None
-    temps = _sync.run(all_temporary_paths_async(root, res.backend, created_before_ns=cutoff))
+    temps, spared = _sync.run(_old_temporaries(root, res.backend, older_than))
+    if spared:
+        _io.out.print(
+            f"sparing {spared} temporary checkpoint(s) modified in the last {older_than:g} s"
+        )
     if not temps:
         _io.out.print(f"no temporary checkpoints under {root}")
         return
@@ -162,6 +309,7 @@ def gc(
 
 # -- verify -----------------------------------------------------------------------------------
 @app.command("verify")
+@_errors_as_one_line
 def verify(
     path: Annotated[str, typer.Argument(help="A checkpoint (path or URL).")],
     atomicity: Annotated[str | None, typer.Option(help="Strategy to judge commits by.")] = None,
@@ -178,7 +326,16 @@ def verify(
 
     final = to_path(path)
     res = registry.resolve(final, atomicity)
+    if not _sync.run(res.backend.exists(final)):
+        raise _UserError(f"{final} does not exist ({res.backend.describe()}).")
     state = _sync.run(path_state_async(final, res.strategy, res.backend))
+    if not _sync.run(res.backend.exists(final / tree_format.TREE_FILE)) and _sync.run(
+        _holds_steps(final, res)
+    ):
+        raise _UserError(
+            f"{final} is a checkpoint root (it holds steps), not a checkpoint: verify one "
+            f"step, e.g. `ckpt verify {final}/<step>` (`ckpt ls {final}` lists them)."
+        )
     if state != PathState.FINALIZED:
         _io.err.print(f"[red]{final} is {state.value}, not a committed checkpoint[/]")
         raise typer.Exit(1)
@@ -233,8 +390,20 @@ def verify(
     )
 
 
+async def _holds_steps(path: Any, res: registry.Resolution) -> bool:
+    """Whether ``path`` holds checkpoint steps or temporaries (a checkpoint root)."""
+    entries = await res.backend.list_dir(path)
+    names = [e for e in entries if e.is_dir and _is_step_or_temporary(e.name)]
+    if any(e.name == WRITERS_DIR for e in entries):
+        return True
+    return bool(await res.strategy.finalized_names(res.backend, path, names)) or any(
+        is_temporary_name(e.name) for e in names
+    )
+
+
 # -- backends ---------------------------------------------------------------------------------
 @app.command("backends")
+@_errors_as_one_line
 def backends(
     path: Annotated[str, typer.Argument(help="Resolve the config key for this path.")] = ".",
 ) -> None:
@@ -289,6 +458,7 @@ def backends(
 
 # -- demo -------------------------------------------------------------------------------------
 @app.command("demo")
+@_errors_as_one_line
 def demo(
     directory: Annotated[str, typer.Argument(help="Where to write checkpoints.")] = "ckpt-demo",
     steps: Annotated[int, typer.Option(help="Training steps (one checkpoint each).")] = 8,
@@ -297,4 +467,32 @@ def demo(
     """Train a tiny JAX model, checkpoint every step with the manager, restore the latest."""
     from ckpt.demo import run_demo
 
-    run_demo(directory, steps=steps, max_to_keep=max_to_keep, console=_io.out)
+    root = to_path(directory)
+    backend = registry.get_backend(root)
+    if _sync.run(backend.exists(root)) and not _sync.run(backend.is_dir(root)):
+        raise _UserError(f"{root} is a file; give the demo a directory to write checkpoints to.")
+    run_demo(
+        directory,
+        steps=steps,
+        max_to_keep=max_to_keep,
+        console=_io.out,
+        ls_command=f"{_ckpt_command()} ls {shlex.quote(directory)}",
+    )
+
+
+def _ckpt_command() -> str:
+    """How to run this ``ckpt`` from the current directory: ``ckpt`` if that is the one on
+    PATH, else the path of the console script beside this Python (e.g. ``.venv/bin/ckpt``
+    after ``python3 dev.py demo``), else ``python -m ckpt``."""
+    script = Path(sys.executable).parent / ("ckpt.exe" if os.name == "nt" else "ckpt")
+    if script.exists():
+        on_path = shutil.which("ckpt")
+        if on_path and Path(on_path).resolve() == script.resolve():
+            return "ckpt"
+        try:
+            relative = os.path.relpath(script)
+        except ValueError:  # another drive
+            relative = str(script)
+        shown = relative if not relative.startswith("..") else str(script)
+        return shlex.quote(shown if os.sep in shown else f".{os.sep}{shown}")
+    return f"{shlex.quote(sys.executable)} -m ckpt"

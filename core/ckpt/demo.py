@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -34,10 +35,16 @@ def _model() -> tuple[Any, Any, Any]:
 
 
 def run_demo(
-    directory: str, *, steps: int = 8, max_to_keep: int = 3, console: Console | None = None
+    directory: str,
+    *,
+    steps: int = 8,
+    max_to_keep: int = 3,
+    console: Console | None = None,
+    ls_command: str | None = None,
 ) -> None:
     """Train, checkpoint each step with :class:`ckpt.CheckpointManager`, restore the latest,
-    and resume training from it as a restarted job would."""
+    and resume training from it as a restarted job would. The closing hint names
+    ``ls_command`` (default ``ckpt ls <directory>``)."""
     import jax
     import jax.numpy as jnp
 
@@ -97,4 +104,5 @@ def run_demo(
         f"restored step {latest} ({type(leaf).__name__} leaves, loss {restored['loss']:.4f}): "
         "identical to the trained parameters"
     )
-    console.print(f"run [bold]ckpt ls {directory}[/] to see the checkpoints")
+    command = ls_command if ls_command is not None else f"ckpt ls {directory}"
+    console.print(f"run [bold]{escape(command)}[/] to see the checkpoints")

@@ -43,8 +43,10 @@ class FileOptions:
     """Options for files and directories a save creates.
 
     Attributes:
-        path_permission_mode: mode of created directories (e.g. ``0o750``) on backends with
-            the ``permissions`` capability; other backends ignore it (and say so in their
+        path_permission_mode: mode of every directory a save creates (e.g. ``0o750``): the
+            step directory, its subdirectories (those tensorstore makes for arrays too) and
+            missing parents, exactly, whatever the umask; on backends with the
+            ``permissions`` capability. Other backends ignore it (and say so in their
             documentation and ``ckpt backends``).
     """
 

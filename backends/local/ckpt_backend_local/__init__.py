@@ -66,7 +66,7 @@ class LocalBackend(Backend):
         if parents:
             parent = os.path.dirname(target.rstrip("/"))
             if parent and not os.path.isdir(parent):
-                os.makedirs(parent, exist_ok=True)
+                _makedirs(parent, mode)
         try:
             os.mkdir(target)
         except FileExistsError:
@@ -135,6 +135,12 @@ class LocalBackend(Backend):
     async def file_sizes(self, path: UPath) -> dict[str, int]:
         return await asyncio.to_thread(_file_sizes, _p(path))
 
+    async def apply_dir_mode(self, path: UPath, mode: int) -> None:
+        await asyncio.to_thread(_chmod_dirs, _p(path), mode)
+
+    async def modified_ns(self, path: UPath) -> int | None:
+        return await asyncio.to_thread(_newest_mtime_ns, _p(path))
+
     def kvstore_spec(self, path: UPath) -> dict[str, Any]:
         return {"driver": "file", "path": _p(path).rstrip("/") + "/"}
 
@@ -196,6 +202,45 @@ def _fsync_tree(root: str) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(dirpath)
+
+
+def _makedirs(path: str, mode: int | None) -> None:
+    """``os.makedirs``; with ``mode``, each directory it creates gets exactly ``mode``."""
+    missing = []
+    head = path.rstrip("/")
+    while head and not os.path.isdir(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue
+        if mode is not None:
+            os.chmod(directory, mode)
+
+
+def _chmod_dirs(root: str, mode: int) -> None:
+    """chmod ``root`` and every directory under it (never following symlinks)."""
+    for dirpath, _dirnames, _filenames in os.walk(root, followlinks=False):
+        os.chmod(dirpath, mode)
+
+
+def _newest_mtime_ns(root: str) -> int | None:
+    """The newest modification time of ``root`` and everything under it (None: missing)."""
+    try:
+        newest = os.lstat(root).st_mtime_ns
+    except FileNotFoundError:
+        return None
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in (*dirnames, *filenames):
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime_ns)
+            except FileNotFoundError:
+                pass
+    return newest
 
 
 def _tree_size(root: str) -> int:

@@ -678,6 +678,21 @@ class S3Backend(Backend):
     async def file_size(self, path: UPath) -> int:
         return await self._io(self._file_size(path))
 
+    async def modified_ns(self, path: UPath) -> int | None:
+        return await self._io(self._modified_ns(path))
+
+    async def _modified_ns(self, path: UPath) -> int | None:
+        """The newest ``LastModified`` of the objects under ``path`` (one LIST per 1,000)."""
+        bucket, key = self._split(path)
+        newest: int | None = None
+        async for page in self._pages(bucket, key + "/" if key else "", delimiter=None):
+            for obj in page.get("Contents", []):
+                stamp = obj.get("LastModified")
+                if stamp is not None:
+                    ns = int(stamp.timestamp() * 1e9)
+                    newest = ns if newest is None else max(newest, ns)
+        return newest
+
     async def _file_size(self, path: UPath) -> int:
         bucket, key = self._split(path)
         if not key:
