@@ -8,6 +8,8 @@ from __future__ import annotations
 __all__ = [
     "BackendNotInstalledError",
     "CommitConflictError",
+    "ConfigError",
+    "InvalidPathError",
     "UnknownStrategyError",
     "UnsafePathError",
     "UnsupportedStrategyError",
@@ -40,3 +42,14 @@ class BackendNotInstalledError(ValueError):
 
 class UnsafePathError(ValueError):
     """A name would escape its base directory, or a path is a symlink where none is allowed."""
+
+
+class InvalidPathError(ValueError):
+    """A path or URL that ckpt cannot use as written: a storage URL without ``//``
+    (``s3:/bucket``), ``.``/``..``/empty segments inside a URL, an empty path. The message
+    names the path and says how to write it."""
+
+
+class ConfigError(ValueError):
+    """A configuration value (config file, ``CKPT_*`` environment variable or backend
+    option) is unknown or malformed. The message names where it came from and the fix."""

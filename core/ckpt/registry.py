@@ -12,7 +12,7 @@ from upath import UPath
 from ckpt import config as config_lib
 from ckpt.backend import Backend
 from ckpt.errors import BackendNotInstalledError, UnknownStrategyError, UnsupportedStrategyError
-from ckpt.paths import to_path
+from ckpt.paths import split_scheme, to_path
 from ckpt.plugins import manager
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackendInfo",
+    "backend_not_installed",
     "get_backend",
     "get_strategy",
     "list_backends",
@@ -42,17 +43,36 @@ _LOCAL_ALIASES = {"", "file", "local", "posix"}
 
 
 def scheme_of(location: Any) -> str:
-    """The URL scheme of a path (``"file"`` for plain local paths)."""
+    """The URL scheme of a path, lower-case (``"file"`` for plain local paths)."""
     if isinstance(location, UPath):
         protocol = location.protocol
         if isinstance(protocol, tuple):
             protocol = protocol[0]
         return "file" if protocol in _LOCAL_ALIASES else str(protocol)
     text = os.fspath(location)
-    if "://" in text:
-        scheme = text.split("://", 1)[0].lower()
-        return "file" if scheme in _LOCAL_ALIASES else scheme
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    parts = split_scheme(text)
+    if parts is not None and parts[1].startswith("//"):
+        return "file" if parts[0] in _LOCAL_ALIASES else parts[0]
     return "file"
+
+
+def backend_not_installed(scheme: str, location: Any) -> BackendNotInstalledError:
+    """The error for a path whose scheme no installed backend serves."""
+    registry = manager.registry()
+    package = KNOWN_BACKEND_PACKAGES.get(scheme)
+    hint = (
+        f"Install it with `pip install {package}`."
+        if package
+        else "Install a ckpt backend plugin that serves this scheme."
+    )
+    failed = [f for f in registry.failures if package and package in f.name]
+    extra = f" (the installed plugin failed to load: {failed[0].error})" if failed else ""
+    return BackendNotInstalledError(
+        f"No ckpt backend is installed for '{scheme}://' (path: {location}){extra}. {hint} "
+        f"Installed backends: {', '.join(sorted(registry.backends)) or 'none'}."
+    )
 
 
 def get_backend(location: Any, *, config: config_lib.Config | None = None) -> Backend:
@@ -61,18 +81,7 @@ def get_backend(location: Any, *, config: config_lib.Config | None = None) -> Ba
     registry = manager.registry()
     backend_class = registry.backends.get(scheme)
     if backend_class is None:
-        package = KNOWN_BACKEND_PACKAGES.get(scheme)
-        hint = (
-            f"Install it with `pip install {package}`."
-            if package
-            else "Install a ckpt backend plugin that serves this scheme."
-        )
-        failed = [f for f in registry.failures if package and package in f.name]
-        extra = f" (the installed plugin failed to load: {failed[0].error})" if failed else ""
-        raise BackendNotInstalledError(
-            f"No ckpt backend is installed for '{scheme}://' (path: {location}){extra}. {hint} "
-            f"Installed backends: {', '.join(sorted(registry.backends)) or 'none'}."
-        )
+        raise backend_not_installed(scheme, location)
     config = config if config is not None else config_lib.load_config()
     options = config.backend_options(scheme, backend_class.scheme)
     key = (scheme, json.dumps(options, sort_keys=True, default=str))
