@@ -1,0 +1,439 @@
+"""Bad input: paths and URLs that are almost right, malformed or hostile checkpoint files,
+symlinked steps, odd configuration. Each must give a clear ckpt error quickly (never a
+hang, never a bare RecursionError or a third-party error), delete nothing and write
+nothing outside the root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from upath import UPath
+
+import ckpt
+from ckpt import tree_format
+from ckpt.layout import METADATA_FILE
+from ckpt.paths import to_path
+from ckpt.step_metadata import MAX_METADATA_BYTES, StepMetadata
+
+TREE = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": 3}
+
+
+def _files(root: Path) -> list[str]:
+    """Every file and directory under ``root``, relative, sorted."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def in_empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("CKPT_CONFIG", raising=False)
+    monkeypatch.delenv("CKPT_ATOMICITY", raising=False)
+    return cwd
+
+
+# -- URLs that are almost right -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "fixed"),
+    [
+        ("s3:/bucket/run", "s3://bucket/run"),
+        ("gs:bucket/run", "gs://bucket/run"),
+        ("S3:/bucket/run", "s3://bucket/run"),
+        ("gcs:/bucket/run", "gcs://bucket/run"),
+        ("s3a:bucket", "s3a://bucket"),
+        ("az:/container/x", "az://container/x"),
+    ],
+)
+def test_url_without_slashes_is_refused_not_saved_locally(
+    in_empty_cwd: Path, text: str, fixed: str
+) -> None:
+    with pytest.raises(ckpt.InvalidPathError) as info:
+        ckpt.Checkpointer().save(text, TREE)
+    message = str(info.value)
+    assert repr(text) in message and repr(fixed) in message and "./" in message
+    for call in (
+        lambda: ckpt.CheckpointManager(text),
+        lambda: ckpt.get_backend(text),
+        lambda: ckpt.checkpoint_steps(text),
+        lambda: ckpt.Checkpointer().restore(text),
+    ):
+        with pytest.raises(ckpt.InvalidPathError):
+            call()
+    assert _files(in_empty_cwd) == []  # no local directory named "s3:" or "gs:bucket"
+
+
+def test_explicit_local_directory_with_a_colon_still_works(in_empty_cwd: Path) -> None:
+    ckpt.Checkpointer().save("./s3:/bucket/run", TREE)
+    assert (in_empty_cwd / "s3:" / "bucket" / "run" / "_TREE.json").is_file()
+    # A colon in a name that is no storage scheme is a plain local name.
+    ckpt.Checkpointer().save("run:1", TREE)
+    assert ckpt.Checkpointer().restore(in_empty_cwd / "run:1")["step"] == 3
+
+
+def test_scheme_is_case_insensitive() -> None:
+    assert to_path("S3://bucket/x") == to_path("s3://bucket/x")
+    assert ckpt.get_backend("S3://bucket/x") is ckpt.get_backend("s3://bucket/x")
+    assert ckpt.registry.scheme_of("GS://bucket/x") == "gs"
+    assert to_path("FILE:///tmp/x") == to_path("/tmp/x")
+
+
+def test_unknown_scheme_is_a_ckpt_error(in_empty_cwd: Path) -> None:
+    for text in ("foo://x/y", "Foo://x/y"):
+        with pytest.raises(ckpt.BackendNotInstalledError, match="foo://") as info:
+            ckpt.Checkpointer().save(text, TREE)
+        assert "Installed backends: " in str(info.value) and "s3" in str(info.value)
+    with pytest.raises(ckpt.BackendNotInstalledError, match="pip install ckpt-backend-azure"):
+        ckpt.Checkpointer().save("az://container/run", TREE)
+    assert _files(in_empty_cwd) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "fixed"),
+    [
+        ("s3://bucket/a/../b", "s3://bucket/b"),
+        ("s3://bucket/run/..", "s3://bucket"),
+        ("s3://bucket/./run", "s3://bucket/run"),
+        ("s3://bucket/a//run", "s3://bucket/a/run"),
+        ("gs://bucket/a/../b/", "gs://bucket/b"),
+        ("s3a://bucket/x/./y", "s3a://bucket/x/y"),
+    ],
+)
+def test_dot_segments_in_a_url_are_refused(url: str, fixed: str) -> None:
+    with pytest.raises(ckpt.InvalidPathError) as info:
+        to_path(url)
+    assert url in str(info.value) and fixed in str(info.value)
+    with pytest.raises(ckpt.InvalidPathError):
+        to_path(UPath(url))  # a UPath made by the caller is checked too
+    with pytest.raises(ckpt.InvalidPathError):
+        ckpt.Checkpointer().save(url, TREE)
+    with pytest.raises(ckpt.InvalidPathError):
+        ckpt.CheckpointManager(url)
+
+
+def test_trailing_slash_is_fine() -> None:
+    assert to_path("s3://bucket/run/") == to_path("s3://bucket/run")
+
+
+def test_url_without_bucket_is_refused() -> None:
+    for url in ("s3:///run", "gs:///x/y"):
+        with pytest.raises(ckpt.InvalidPathError, match="names no bucket"):
+            to_path(url)
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", b"", "a\x00b", 42])
+def test_empty_or_malformed_path_is_refused(value: Any) -> None:
+    with pytest.raises(ckpt.InvalidPathError):
+        to_path(value)
+    with pytest.raises(ckpt.InvalidPathError):
+        ckpt.Checkpointer().save(value, TREE)
+
+
+def test_file_urls(tmp_path: Path) -> None:
+    assert to_path(f"file://{tmp_path}/a/../b") == to_path(tmp_path / "b")
+    assert to_path(f"file:{tmp_path}/b") == to_path(tmp_path / "b")  # RFC 8089 file:/path
+    assert to_path(f"file://localhost{tmp_path}") == to_path(tmp_path)
+    with pytest.raises(ckpt.InvalidPathError, match="host"):
+        to_path("file://server/share/x")
+    with pytest.raises(ckpt.InvalidPathError, match="relative"):
+        to_path("file:relative/x")
+
+
+def test_local_dot_segments_are_resolved_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with ckpt.CheckpointManager(f"{root}/sub/../runs", async_save=False) as mngr:
+        mngr.save(1, TREE)
+    assert (root / "runs" / "1" / "_TREE.json").is_file()
+    assert not (root / "sub").exists()
+
+
+_ALLOWED_PATH_ERRORS = (ckpt.InvalidPathError, ckpt.BackendNotInstalledError)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.builds(
+            lambda scheme, sep, rest: f"{scheme}{sep}{rest}",
+            st.sampled_from(["s3", "S3", "gs", "gcs", "s3a", "file", "foo", "az", "C", "memory"]),
+            st.sampled_from([":", ":/", "://", ":///", "//", ""]),
+            st.lists(st.sampled_from(["b", "..", ".", "", "x y", "~", "%2e%2e", "a:b"]), max_size=5)
+            .map("/".join),
+        ),
+    )
+)
+def test_to_path_never_crashes_and_never_keeps_dot_segments(text: str) -> None:
+    """Any text: a path, or a ckpt error. A URL that is accepted holds no '.', '..' or empty
+    segment (what tensorstore would normalise differently from the object store)."""
+    try:
+        path = to_path(text)
+    except _ALLOWED_PATH_ERRORS:
+        return
+    assert isinstance(path, UPath)
+    protocol = path.protocol if isinstance(path.protocol, str) else path.protocol[0]
+    if protocol in ("", "file", "local"):
+        assert os.path.isabs(path.path)
+        assert ".." not in path.path.split("/")
+        return
+    key = str(path).split("://", 1)[1].rstrip("/").split("/")[1:]
+    assert not any(s in (".", "..", "") for s in key), (text, str(path))
+
+
+# -- _CHECKPOINT_METADATA -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    path = tmp_path / "root" / "7"
+    ckpt.Checkpointer().save(path, TREE, custom_metadata={"note": "hi"})
+    return path
+
+
+def _nested(depth: int, open_: str = "[", close: str = "]") -> bytes:
+    return (open_ * depth + close * depth).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "Malformed checkpoint metadata"),
+        (b"   ", "Malformed checkpoint metadata"),
+        (b"{", "Malformed checkpoint metadata"),
+        (b"\xff\xfe", "Malformed checkpoint metadata"),
+        (b"[]", "expected a JSON object"),
+        (b"null", "expected a JSON object"),
+        (b'{"custom_metadata": []}', "custom_metadata"),
+        (b'{"metrics": 3}', "metrics"),
+        (b'{"init_timestamp_nsecs": "soon"}', "init_timestamp_nsecs"),
+        (b'{"commit_timestamp_nsecs": 1.5}', "commit_timestamp_nsecs"),
+        (_nested(100_000), "nested too deeply"),
+        (b'{"custom_metadata": {"a": ' + _nested(50_000) + b"}}", "nested too deeply"),
+        (b'{"metrics": ' + _nested(5_000, "{\"m\": ", "}").replace(b" }", b" 1}", 1) + b"}",
+         "nested too deeply"),
+    ],
+)
+def test_malformed_step_metadata(saved: Path, content: bytes, match: str) -> None:
+    (saved / METADATA_FILE).write_bytes(content)
+    before = _files(saved.parent)
+    with pytest.raises(ValueError, match=match) as info:
+        ckpt.Checkpointer().metadata(saved)
+    assert str(saved / METADATA_FILE) in str(info.value)
+    assert not isinstance(info.value, RecursionError)
+    assert _files(saved.parent) == before  # nothing deleted
+
+
+def test_oversized_step_metadata(saved: Path) -> None:
+    big = b'{"custom_metadata": {"x": "' + b"a" * MAX_METADATA_BYTES + b'"}}'
+    (saved / METADATA_FILE).write_bytes(big)
+    with pytest.raises(ValueError, match=f"more than the {MAX_METADATA_BYTES} bytes"):
+        ckpt.Checkpointer().metadata(saved)
+    # The tree itself is still readable: the step metadata is not needed for a restore.
+    assert ckpt.Checkpointer().restore(saved)["step"] == 3
+
+
+def test_step_metadata_from_json_edge_cases() -> None:
+    assert StepMetadata.from_json(b"{}") == StepMetadata()
+    # Unknown keys are kept (as Orbax does), NaN metrics are read.
+    meta = StepMetadata.from_json(b'{"zzz": 1, "metrics": {"loss": NaN}}')
+    assert meta.custom_metadata == {"zzz": 1} and np.isnan(meta.metrics["loss"])
+
+
+def test_custom_metadata_that_cannot_be_stored(tmp_path: Path) -> None:
+    deep: Any = 1
+    for _ in range(sys.getrecursionlimit() + 10):
+        deep = {"a": deep}
+    cases = [
+        (deep, "nested too deeply"),
+        ({"x": "a" * MAX_METADATA_BYTES}, "more than the"),
+        ({"x": object()}, "JSON-serializable"),
+        ([1, 2], "must be a dict"),
+    ]
+    for value, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ckpt.Checkpointer().save(tmp_path / "c", TREE, custom_metadata=value)
+    assert not (tmp_path / "c").exists() and _files(tmp_path) == []
+
+
+# -- tree documents -------------------------------------------------------------------------------
+
+
+def _tree_doc(path: Path) -> dict[str, Any]:
+    return json.loads((path / tree_format.TREE_FILE).read_text())
+
+
+def _write_doc(path: Path, doc: Any) -> None:
+    (path / tree_format.TREE_FILE).write_text(json.dumps(doc))
+
+
+def _deep_structure(depth: int) -> dict[str, Any]:
+    node: dict[str, Any] = {"type": "leaf", "index": 0}
+    for _ in range(depth):
+        node = {"type": "list", "children": [node]}
+    return node
+
+
+@pytest.mark.parametrize("depth", [tree_format.MAX_TREE_DEPTH + 1, 5_000])
+def test_deeply_nested_tree_document(saved: Path, depth: int) -> None:
+    # Written by hand: json.dumps itself cannot nest this deep.
+    text = (
+        '{"format": "ckpt-tree", "version": 1, "leaves": [{"keypath": "x", "kind": "int", '
+        '"value": 1}], "structure": '
+        + '{"type": "list", "children": [' * depth
+        + '{"type": "leaf", "index": 0}'
+        + "]}" * depth
+        + "}"
+    )
+    (saved / tree_format.TREE_FILE).write_text(text)
+    with pytest.raises(ValueError, match="nested deeper than") as info:
+        ckpt.Checkpointer().restore(saved)
+    assert str(saved / tree_format.TREE_FILE) in str(info.value)
+
+
+def test_validation_depth_limit_without_the_parser() -> None:
+    """The structure check itself is iterative: a parsed document deeper than the limit is
+    refused with a ValueError, not a RecursionError."""
+    leaves = [{"keypath": "x", "kind": "int", "value": 1}]
+    doc = {"format": "ckpt-tree", "version": 1, "leaves": leaves}
+    doc["structure"] = _deep_structure(tree_format.MAX_TREE_DEPTH)
+    tree_format._validate_document(doc)
+    doc["structure"] = _deep_structure(50_000)
+    with pytest.raises(ValueError, match="nested deeper than 512 levels"):
+        tree_format._validate_document(doc)
+
+
+def test_deepest_savable_tree_is_restored(tmp_path: Path) -> None:
+    """Whatever the writer manages to save, the reader reads (no depth limit in between)."""
+    depth = 400
+    tree: Any = np.ones(2)
+    for _ in range(depth):
+        tree = [tree]
+    ckpt.Checkpointer().save(tmp_path / "c", tree)
+    out = ckpt.Checkpointer().restore(tmp_path / "c")
+    for _ in range(depth):
+        out = out[0]
+    np.testing.assert_array_equal(out, np.ones(2))
+
+
+def test_too_deep_tree_to_save_is_a_clear_error(tmp_path: Path) -> None:
+    tree: Any = 1
+    for _ in range(sys.getrecursionlimit() + 10):
+        tree = {"k": tree}
+    with pytest.raises(ValueError, match="nested too deeply") as info:
+        ckpt.Checkpointer().save(tmp_path / "c", tree)
+    assert str(tmp_path / "c") in str(info.value)
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "bad_path",
+    [
+        "../7/arrays/0",
+        "arrays/../../outside",
+        "/etc/passwd",
+        "arrays//0",
+        "arrays/.hidden",
+        "./arrays/0",
+        "arrays/0/../../..",
+        "",
+        7,
+    ],
+)
+def test_tree_document_naming_files_outside_its_checkpoint(
+    saved: Path, tmp_path: Path, bad_path: Any
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    doc = _tree_doc(saved)
+    array = next(leaf for leaf in doc["leaves"] if leaf["kind"] == "array")
+    array["path"] = bad_path
+    _write_doc(saved, doc)
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match="unsafe or missing array path") as info:
+        ckpt.Checkpointer().restore(saved)
+    assert str(saved) in str(info.value)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("other", ["_CHECKPOINT_METADATA", "arrays", "arrays/9", "nothing"])
+def test_tree_document_naming_another_file_of_its_checkpoint(saved: Path, other: str) -> None:
+    doc = _tree_doc(saved)
+    array = next(leaf for leaf in doc["leaves"] if leaf["kind"] == "array")
+    array["path"] = other
+    _write_doc(saved, doc)
+    before = _files(saved)
+    with pytest.raises(ValueError, match="Leaf 'w'") as info:
+        ckpt.Checkpointer().restore(saved)
+    assert str(saved) in str(info.value)
+    assert _files(saved) == before
+
+
+def test_tree_document_reusing_an_array_path(saved: Path) -> None:
+    ckpt.Checkpointer().save(saved.parent / "8", {"a": np.ones(2), "b": np.zeros(2)})
+    doc = _tree_doc(saved.parent / "8")
+    doc["leaves"][1]["path"] = doc["leaves"][0]["path"]
+    _write_doc(saved.parent / "8", doc)
+    with pytest.raises(ValueError, match="reused"):
+        ckpt.Checkpointer().restore(saved.parent / "8")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x00" * 10, b"[]", b'"ckpt-tree"', b'{"format": "ckpt-tree"}', b"{" * 10_000],
+)
+def test_empty_or_malformed_tree_document(saved: Path, content: bytes) -> None:
+    (saved / tree_format.TREE_FILE).write_bytes(content)
+    with pytest.raises(ValueError, match="Malformed tree metadata"):
+        ckpt.Checkpointer().restore(saved)
+
+
+def test_oversized_tree_document(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    size = (saved / tree_format.TREE_FILE).stat().st_size
+    monkeypatch.setattr(tree_format, "MAX_TREE_BYTES", size - 1)
+    with pytest.raises(ValueError, match=f"{size} bytes, more than the {size - 1} bytes"):
+        ckpt.Checkpointer().restore(saved)
+    monkeypatch.setattr(tree_format, "MAX_TREE_BYTES", size)
+    assert ckpt.Checkpointer().restore(saved)["step"] == 3
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda children: st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                ["type", "children", "keys", "index", "leaf", "dict", "list", "tuple", "x"]
+            ),
+            children,
+            max_size=4,
+        ),
+        max_leaves=30,
+    )
+)
+def test_validation_never_crashes_on_arbitrary_documents(structure: Any) -> None:
+    """Any JSON value as a structure (and as leaves): valid, or a ValueError."""
+    for doc in (
+        {"format": "ckpt-tree", "version": 1, "structure": structure, "leaves": []},
+        {
+            "format": "ckpt-tree",
+            "version": 1,
+            "structure": {"type": "leaf", "index": 0},
+            "leaves": [structure],
+        },
+    ):
+        try:
+            tree_format._validate_document(doc)
+        except ValueError:
+            pass
