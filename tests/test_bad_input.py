@@ -437,3 +437,120 @@ def test_validation_never_crashes_on_arbitrary_documents(structure: Any) -> None
             tree_format._validate_document(doc)
         except ValueError:
             pass
+
+
+# -- configuration values ------------------------------------------------------------------------
+
+
+def _config(cwd: Path, text: str) -> None:
+    (cwd / "ckpt.toml").write_text(text, encoding="utf-8")
+
+
+def _save_refused(cwd: Path, error: type[BaseException], match: str, url: Any = None) -> str:
+    target = url if url is not None else cwd / "root" / "1"
+    with pytest.raises(error, match=match) as info:
+        ckpt.Checkpointer().save(target, TREE)
+    assert _files(cwd) == ["ckpt.toml"] or _files(cwd) == []  # nothing written
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('atomicty = "rename"\n', r"'atomicty'.*Did you mean 'atomicity'"),
+        ('[backend.s3]\nregion = "x"\n', r"'backend'.*Did you mean 'backends'"),
+        ("atomicity = 1\n", "expected a strategy name"),
+        ('atomicity = ""\n', "expected a strategy name"),
+        ('atomicity = "  "\n', "expected a strategy name"),
+        ("atomicity = [\"rename\"]\n", "expected a strategy name"),
+        ('[backends.file]\natomicity = false\n', "expected a strategy name"),
+        ('backends = "s3"\n', "one table per scheme"),
+        ('[backends.s3]\nregion = "a"\n[backends.S3]\nregion = "b"\n', "two tables"),
+        ("atomicity = \n", "Malformed ckpt config file"),
+    ],
+)
+def test_bad_config_file(in_empty_cwd: Path, text: str, match: str) -> None:
+    _config(in_empty_cwd, text)
+    message = _save_refused(in_empty_cwd, ckpt.ConfigError, match)
+    assert "ckpt.toml" in message
+
+
+def test_config_file_that_is_not_utf8(in_empty_cwd: Path) -> None:
+    (in_empty_cwd / "ckpt.toml").write_bytes(b'atomicity = "\xff"\n')
+    _save_refused(in_empty_cwd, ckpt.ConfigError, "Malformed ckpt config file")
+
+
+def test_pyproject_with_odd_tool_table(in_empty_cwd: Path) -> None:
+    (in_empty_cwd / "pyproject.toml").write_text('tool = "x"\n')
+    assert ckpt.strategy_for(in_empty_cwd).name == "rename"  # no ckpt config: defaults
+    (in_empty_cwd / "pyproject.toml").write_text('[tool.ckpt]\natomicityy = "rename"\n')
+    with pytest.raises(ckpt.ConfigError, match=r"pyproject.toml \[tool.ckpt\]"):
+        ckpt.strategy_for(in_empty_cwd)
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [(" rename ", "rename"), ("COMMIT_FILE", "commit_file"), ("Auto", "rename")],
+)
+def test_oddly_written_strategy_names(in_empty_cwd: Path, written: str, expected: str) -> None:
+    _config(in_empty_cwd, f'atomicity = "{written}"\n')
+    resolution = ckpt.registry.resolve(in_empty_cwd)
+    assert resolution.name == expected and resolution.strategy.name == expected
+    ckpt.Checkpointer().save(in_empty_cwd / "1", TREE)
+    assert ckpt.Checkpointer().restore(in_empty_cwd / "1")["step"] == 3
+
+
+def test_strategy_name_typos(in_empty_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _config(in_empty_cwd, 'atomicity = "renam"\n')
+    _save_refused(in_empty_cwd, ckpt.UnknownStrategyError, "Did you mean 'rename'")
+    (in_empty_cwd / "ckpt.toml").unlink()
+    monkeypatch.setenv("CKPT_ATOMICITY", "comit_file")
+    _save_refused(in_empty_cwd, ckpt.UnknownStrategyError, "Did you mean 'commit_file'")
+    with pytest.raises(ckpt.UnknownStrategyError, match="'nope'"):
+        ckpt.Checkpointer(atomicity="nope").save(in_empty_cwd / "1", TREE)
+    with pytest.raises(ckpt.ConfigError, match="atomicity= argument"):
+        ckpt.Checkpointer(atomicity=3).save(in_empty_cwd / "1", TREE)  # type: ignore[arg-type]
+    assert _files(in_empty_cwd) == []
+
+
+def test_environment_variable_values(in_empty_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CKPT_ATOMICITY", "")  # set but empty: as if unset
+    assert ckpt.registry.resolve(in_empty_cwd).name == "rename"
+    monkeypatch.setenv("CKPT_ATOMICITY", "  commit_file\n")
+    resolution = ckpt.registry.resolve(in_empty_cwd)
+    assert resolution.name == "commit_file" and resolution.source == "$CKPT_ATOMICITY"
+    monkeypatch.setenv("CKPT_CONFIG", str(in_empty_cwd / "missing.toml"))
+    with pytest.raises(FileNotFoundError, match="CKPT_CONFIG"):
+        ckpt.Checkpointer().save(in_empty_cwd / "1", TREE)
+    monkeypatch.setenv("CKPT_CONFIG", str(in_empty_cwd))  # a directory
+    with pytest.raises(FileNotFoundError, match="does not name a file"):
+        ckpt.Checkpointer().save(in_empty_cwd / "1", TREE)
+    assert _files(in_empty_cwd) == []
+
+
+def test_backend_tables_are_case_insensitive(in_empty_cwd: Path) -> None:
+    _config(in_empty_cwd, '[backends.FILE]\natomicity = "commit_file"\n')
+    assert ckpt.registry.resolve(in_empty_cwd).name == "commit_file"
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        ('[backends.s3]\nendpoint = "http://127.0.0.1:1"\n', "Did you mean 'endpoint_url'"),
+        ('[backends.s3]\nendpoint_url = "127.0.0.1:9000"\n', "expected an http"),
+        ('[backends.s3]\nanon = "true"\n', "true or false"),
+        ('[backends.s3]\nregion = 5\n', "non-empty string"),
+        ('[backends.s3]\naws_secret_access_key = "hunter2"\n', "Credentials are never read"),
+        ('[backends.gs]\nrpc_timeout_s = nan\n', "positive number"),
+        ('[backends.gs]\nrename_timeout_s = -1\n', "positive number"),
+        ('[backends.gs]\nlayout = "HNS!"\n', "layout must be one of"),
+        ('[backends.gcs]\nbucket = "x"\n', "Unknown option"),
+    ],
+)
+def test_bad_backend_options(in_empty_cwd: Path, table: str, match: str) -> None:
+    _config(in_empty_cwd, table)
+    scheme = table.split("[backends.", 1)[1].split("]", 1)[0]
+    url = f"{scheme}://ckpt-test-bucket/run/1"
+    message = _save_refused(in_empty_cwd, ckpt.ConfigError, match, url=url)
+    assert "hunter2" not in message
+

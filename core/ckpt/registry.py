@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -105,13 +106,21 @@ def list_strategies() -> dict[str, type[TemporaryPath]]:
 def get_strategy(name: str) -> type[TemporaryPath]:
     """The strategy class registered as ``name``."""
     strategies = manager.registry().strategies
-    try:
+    if name in strategies:
         return strategies[name]
-    except KeyError:
-        raise UnknownStrategyError(
-            f"Unknown atomicity strategy {name!r}. Registered strategies: "
-            f"{', '.join(sorted(strategies))} (or 'auto' for the backend's default)."
-        ) from None
+    folded = [k for k in strategies if isinstance(name, str) and k.casefold() == name.casefold()]
+    if len(folded) == 1:  # "Rename", "COMMIT_FILE": names are case-insensitive
+        return strategies[folded[0]]
+    close = (
+        difflib.get_close_matches(name.lower(), [*strategies, "auto"], n=1)
+        if isinstance(name, str)
+        else []
+    )
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownStrategyError(
+        f"Unknown atomicity strategy {name!r}. Registered strategies: "
+        f"{', '.join(sorted(strategies))} (or 'auto' for the backend's default).{hint}"
+    )
 
 
 def supported_strategies(backend: Backend) -> list[str]:
@@ -152,6 +161,9 @@ def resolve(
         name = backend.default_strategy
         source = f"{source} (auto -> {backend.describe()} default)"
     strategy = get_strategy(name)
+    registered = str(getattr(strategy, "name", ""))
+    if registered.casefold() == name.casefold():
+        name = registered  # the registered spelling: "Rename" -> "rename"
     missing = [c for c in getattr(strategy, "requires", ()) if not backend.capabilities.has(c)]
     if missing:
         works = supported_strategies(backend)
