@@ -554,3 +554,85 @@ def test_bad_backend_options(in_empty_cwd: Path, table: str, match: str) -> None
     message = _save_refused(in_empty_cwd, ckpt.ConfigError, match, url=url)
     assert "hunter2" not in message
 
+
+# -- symlinked step directories ------------------------------------------------------------------
+
+
+@pytest.fixture(params=["rename", "commit_file"])
+def linked_step(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path, Path]:
+    """``(strategy, root, outside)``: ``root/5`` is a symlink to a committed checkpoint
+    ``outside/5`` (same strategy) outside the root."""
+    strategy = request.param
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    ckpt.Checkpointer(strategy).save(outside / "5", TREE)
+    root.mkdir()
+    (root / "5").symlink_to(outside / "5", target_is_directory=True)
+    return strategy, root, outside
+
+
+def test_symlinked_step_is_never_a_checkpoint(linked_step: tuple[str, Path, Path]) -> None:
+    strategy, root, outside = linked_step
+    before = _files(outside)
+    assert ckpt.checkpoint_steps(root, atomicity=strategy) == []
+    assert ckpt.is_path_finalized(root / "5", atomicity=strategy) is False
+    with ckpt.CheckpointManager(root, atomicity=strategy, async_save=False) as mngr:
+        assert mngr.all_steps() == []
+        with pytest.raises(FileNotFoundError, match="step 5"):
+            mngr.restore(5)
+        with pytest.raises(FileNotFoundError, match="step 5"):
+            mngr.delete(5)
+    for call in (
+        lambda: ckpt.Checkpointer(strategy).restore(root / "5"),
+        lambda: ckpt.Checkpointer(strategy).metadata(root / "5"),
+        lambda: ckpt.Checkpointer(strategy).save(root / "5", TREE),  # no force: refused
+    ):
+        with pytest.raises(ValueError, match=str(root / "5")):
+            call()
+    assert _files(outside) == before and (root / "5").is_symlink()
+
+
+def test_retention_and_cleanup_leave_symlinked_steps_alone(
+    linked_step: tuple[str, Path, Path],
+) -> None:
+    strategy, root, outside = linked_step
+    before = _files(outside)
+    with ckpt.CheckpointManager(root, atomicity=strategy, max_to_keep=1) as mngr:
+        for step in (1, 2, 3, 6, 7):
+            mngr.save(step, TREE)
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [7]
+    ckpt.cleanup_temporary_paths(root, atomicity=strategy)
+    assert (root / "5").is_symlink() and _files(outside) == before
+
+
+def test_deleting_or_replacing_a_symlinked_step_removes_only_the_link(
+    linked_step: tuple[str, Path, Path],
+) -> None:
+    """``force=True`` and ``delete_checkpoint`` act on the name in the root: the link goes,
+    the checkpoint it points to (outside the root) keeps every file, its commit marker
+    included."""
+    strategy, root, outside = linked_step
+    before = _files(outside)
+    ckpt.Checkpointer(strategy).save(root / "5", {"x": 1}, force=True)
+    assert not (root / "5").is_symlink()
+    assert ckpt.Checkpointer(strategy).restore(root / "5") == {"x": 1}
+    assert _files(outside) == before
+    (root / "6").symlink_to(outside / "5", target_is_directory=True)
+    from ckpt import _sync
+
+    backend = ckpt.get_backend(root)
+    _sync.run(ckpt.delete_checkpoint(backend, to_path(root / "6")))
+    assert not os.path.lexists(root / "6") and _files(outside) == before
+    assert ckpt.Checkpointer(strategy).restore(outside / "5")["step"] == 3
+
+
+def test_symlinked_root_works(tmp_path: Path) -> None:
+    """A root that is itself a symlink is the user's choice: it is followed."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    with ckpt.CheckpointManager(tmp_path / "link", max_to_keep=1, async_save=False) as mngr:
+        mngr.save(1, TREE)
+        mngr.save(2, TREE)
+        assert mngr.all_steps() == [2]
+    assert sorted(p.name for p in real.iterdir()) == ["2"]
