@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import os
 import shutil
@@ -89,8 +90,13 @@ def transformer_tree(layers: int = 48, d: int = 384) -> dict[str, Any]:
             out[f"layer_{layer:02d}"] = p
         return out
 
-    return {"params": params(), "mu": params(), "nu": params(), "step": np.int32(1000),
-            "count": np.int32(1000)}
+    return {
+        "params": params(),
+        "mu": params(),
+        "nu": params(),
+        "step": np.int32(1000),
+        "count": np.int32(1000),
+    }
 
 
 def big_tree(mb: int = 512, n: int = 16) -> dict[str, Any]:
@@ -208,7 +214,9 @@ def local_run(name: str, tree: Any, root: Path, times: Times, orbax: bool) -> No
         if p.exists():
             evict(p)
     times.timed(name, "raw read (8 threads)", lambda: raw_read(paths["raw"], tree))
-    out = times.timed(name, "ckpt restore (numpy)", lambda: ckpt.Checkpointer().restore(paths["sync"]))
+    out = times.timed(
+        name, "ckpt restore (numpy)", lambda: ckpt.Checkpointer().restore(paths["sync"])
+    )
     same(out, tree)
     del out
     evict(paths["async"])
@@ -224,7 +232,8 @@ def local_run(name: str, tree: Any, root: Path, times: Times, orbax: bool) -> No
 
         with ocp.StandardCheckpointer() as oc:
             out = times.timed(
-                name, "orbax restore (jax)",
+                name,
+                "orbax restore (jax)",
                 lambda: jax.block_until_ready(oc.restore(paths["orbax"], target)),
             )
         same(out, tree)
@@ -238,21 +247,40 @@ def ratios(times: Times, name: str) -> None:
         x, y = times.median(name, a), times.median(name, b)
         return f"{y / x:.2f}x" if x and y else "-"
 
-    print(f"  ckpt vs orbax: save total {r('ckpt async save: total', 'orbax async save: total')}"
-          f" faster, restore {r('ckpt restore (jax)', 'orbax restore (jax)')} faster (target 3x)")
-    print(f"  raw vs ckpt: save {r('raw write+fsync (8 threads)', 'ckpt save (sync)')} of raw,"
-          f" restore {r('raw read (8 threads)', 'ckpt restore (numpy)')} of raw (target <= 2x)")
+    print(
+        f"  ckpt vs orbax: save total {r('ckpt async save: total', 'orbax async save: total')}"
+        f" faster, restore {r('ckpt restore (jax)', 'orbax restore (jax)')} faster (target 3x)"
+    )
+    print(
+        f"  raw vs ckpt: save {r('raw write+fsync (8 threads)', 'ckpt save (sync)')} of raw,"
+        f" restore {r('raw read (8 threads)', 'ckpt restore (numpy)')} of raw (target <= 2x)"
+    )
+
+
+async def _ts_put(spec: dict[str, Any], arrays: list[np.ndarray]) -> None:
+    import tensorstore as ts
+
+    kv = await ts.KvStore.open(spec)
+    await asyncio.gather(*(kv.write(str(i), a.tobytes()) for i, a in enumerate(arrays)))
+
+
+async def _ts_get(spec: dict[str, Any], n: int) -> list[bytes]:
+    import tensorstore as ts
+
+    kv = await ts.KvStore.open(spec)
+    got = await asyncio.gather(*(kv.read(str(i)) for i in range(n)))
+    return [g.value for g in got]
 
 
 def s3_run(names: list[str], repeats: int) -> None:
     import logging
 
-    import tensorstore as ts
     from bench_s3_requests import Counter, make_proxy
     from moto.server import ThreadedMotoServer
 
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_EC2_METADATA_DISABLED="true")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_EC2_METADATA_DISABLED="true"
+    )
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
@@ -277,27 +305,18 @@ def s3_run(names: list[str], repeats: int) -> None:
             kv_spec = backend.kvstore_spec(backend.path(root + "/raw"))
             counter.take()
             start = time.perf_counter()
-
-            async def put_all() -> None:
-                kv = await ts.KvStore.open(kv_spec)
-                await asyncio.gather(*(kv.write(str(i), a.tobytes()) for i, a in enumerate(arrays)))
-
-            asyncio.run(put_all())
+            asyncio.run(_ts_put(kv_spec, arrays))
             times.add(name, "tensorstore: one object per leaf, write", time.perf_counter() - start)
             requests[(name, "tensorstore write")] = sum(counter.take().values())
-            times.timed(name, "ckpt save (sync)", lambda: ckpt.Checkpointer().save(root + "/ck", tree))  # noqa: B023
+            save = functools.partial(ckpt.Checkpointer().save, root + "/ck", tree)
+            times.timed(name, "ckpt save (sync)", save)
             requests[(name, "ckpt save")] = sum(counter.take().values())
             start = time.perf_counter()
-
-            async def get_all() -> list[bytes]:
-                kv = await ts.KvStore.open(kv_spec)
-                got = await asyncio.gather(*(kv.read(str(i)) for i in range(len(arrays))))
-                return [g.value for g in got]
-
-            asyncio.run(get_all())
+            asyncio.run(_ts_get(kv_spec, len(arrays)))
             times.add(name, "tensorstore: one object per leaf, read", time.perf_counter() - start)
             requests[(name, "tensorstore read")] = sum(counter.take().values())
-            out = times.timed(name, "ckpt restore (numpy)", lambda: ckpt.Checkpointer().restore(root + "/ck"))  # noqa: B023
+            restore = functools.partial(ckpt.Checkpointer().restore, root + "/ck")
+            out = times.timed(name, "ckpt restore (numpy)", restore)
             requests[(name, "ckpt restore")] = sum(counter.take().values())
             same(out, tree)
     print("\n== S3 (moto on loopback, requests counted at the HTTP level)")
@@ -324,8 +343,10 @@ def main() -> None:
         try:
             for name in names:
                 tree = TREES[name]()
-                print(f"{name}: {len(leaves(tree))} leaves, {nbytes(tree) / 2**20:.0f} MiB",
-                      flush=True)
+                print(
+                    f"{name}: {len(leaves(tree))} leaves, {nbytes(tree) / 2**20:.0f} MiB",
+                    flush=True,
+                )
                 for _ in range(args.repeats):
                     local_run(name, tree, root, times, orbax=not args.no_orbax)
         finally:

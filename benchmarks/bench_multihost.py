@@ -86,15 +86,31 @@ def job(processes: int, mb: int, root: Path) -> dict[str, float]:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--process", str(i), "--processes",
-             str(processes), "--port", str(port), "--root", str(root), "--mb", str(mb)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--process",
+                str(i),
+                "--processes",
+                str(processes),
+                "--port",
+                str(port),
+                "--root",
+                str(root),
+                "--mb",
+                str(mb),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
         for i in range(processes)
     ]
     outs = [p.communicate(timeout=1200)[0] for p in procs]
     line = next(x for x in outs[0].splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def raw(mb: int, root: Path) -> dict[str, float]:

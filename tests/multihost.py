@@ -36,8 +36,19 @@ def run_job(
     child_env.pop("XLA_FLAGS", None)  # one CPU device per process
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, root, "--process", str(i),
-             "--processes", str(processes), "--port", str(port), *extra],
+            [
+                sys.executable,
+                str(WORKER),
+                scenario,
+                root,
+                "--process",
+                str(i),
+                "--processes",
+                str(processes),
+                "--port",
+                str(port),
+                *extra,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -57,5 +68,5 @@ def run_job(
         if line is None:
             results.append({"died": proc.returncode, "stderr": stderr[-3000:]})
         else:
-            results.append(json.loads(line[len("RESULT "):]))
+            results.append(json.loads(line[len("RESULT ") :]))
     return results

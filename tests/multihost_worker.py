@@ -136,8 +136,9 @@ def main() -> dict[str, Any]:
         else:
             spec = P("x", None) if args.spec == "rows" else P(None, "x")
             target = {
-                "w": jax.ShapeDtypeStruct(values["w"].shape, jnp_float32(),
-                                          sharding=NamedSharding(mesh, spec)),
+                "w": jax.ShapeDtypeStruct(
+                    values["w"].shape, jnp_float32(), sharding=NamedSharding(mesh, spec)
+                ),
                 "r": jax.ShapeDtypeStruct((4,), np.float32, sharding=NamedSharding(mesh, P())),
                 "step": 0,
             }

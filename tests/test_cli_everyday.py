@@ -64,13 +64,13 @@ def test_missing_credentials_name_the_variables(tmp_path: Path) -> None:
         timeout=120,
         env={**clean, **{k: v for k, v in env.items() if v}},
     )
-    assert_one_line_error(proc, "no credentials", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    assert_one_line_error(proc, "credentials", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     proc = cli(
         "ls",
         "gs://some-bucket/run",
         env={"GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing.json")},
     )
-    assert_one_line_error(proc, "no credentials", "GOOGLE_APPLICATION_CREDENTIALS")
+    assert_one_line_error(proc, "credentials", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def test_missing_path_and_file_instead_of_directory(tmp_path: Path) -> None:

@@ -75,6 +75,11 @@ def translate(exc: BaseException, *, action: str, path: Any, backend: Any) -> Ba
         return exc
     code, filename = found
     strerror = os.strerror(code)
+    # A backend's own message (e.g. which bucket is missing, which credentials to set)
+    # says more than the errno's name: keep it.
+    own = exc.strerror if isinstance(exc, OSError) and isinstance(exc.strerror, str) else None
+    if own and own.strip() and own != strerror:
+        strerror = f"{strerror}: {own}"
     describe = backend.describe() if hasattr(backend, "describe") else str(backend)
     where = filename or str(path)
     message = (

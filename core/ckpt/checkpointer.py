@@ -34,7 +34,7 @@ from ckpt.errors import CommitConflictError, CorruptCheckpointError
 from ckpt.manifest import MANIFEST_FILE, Manifest
 from ckpt.paths import to_path
 from ckpt.registry import Resolution, resolve
-from ckpt.step_metadata import StepMetadata, read_step_metadata
+from ckpt.step_metadata import MAX_METADATA_BYTES, StepMetadata, read_step_metadata
 from ckpt.temporary_path import (
     FileOptions,
     ReadOnlyTemporaryPath,
@@ -67,9 +67,16 @@ def check_custom_metadata(custom_metadata: Any) -> dict[str, Any]:
             f"custom_metadata must be a dict, got {type(custom_metadata).__qualname__}."
         )
     try:
-        json.dumps(custom_metadata)
+        size = len(json.dumps(custom_metadata))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"custom_metadata must be JSON-serializable: {exc}") from exc
+    except RecursionError:
+        raise ValueError("custom_metadata is nested too deeply to store as JSON.") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"custom_metadata is {size} bytes as JSON, more than the {MAX_METADATA_BYTES} "
+            "bytes of checkpoint metadata ckpt stores; save large data in the tree instead."
+        )
     return dict(custom_metadata)
 
 
@@ -455,7 +462,13 @@ class Checkpointer:
         custom = check_custom_metadata(custom_metadata)
         # Validate the tree before any storage call (an unsavable leaf is a TypeError).
         # A synchronous save writes before returning: no snapshot copy is needed.
-        prepared = tree_format.prepare(tree, copy=self._snapshot_tree)
+        try:
+            prepared = tree_format.prepare(tree, copy=self._snapshot_tree)
+        except RecursionError:
+            raise ValueError(
+                f"Cannot save to {final}: the tree is nested too deeply (more levels of "
+                "dicts, lists and tuples than Python's recursion limit allows)."
+            ) from None
         run_sync(check_destination(resolution, final, force=force))
         tmp = resolution.strategy.from_final(
             final, backend=resolution.backend, file_options=self._file_options

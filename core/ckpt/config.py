@@ -15,11 +15,14 @@ Config files follow ruff's convention: ``CKPT_CONFIG`` names a file; otherwise
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ckpt.errors import ConfigError
 
 __all__ = ["AUTO", "Config", "load_config"]
 
@@ -29,6 +32,9 @@ ENV_CONFIG = "CKPT_CONFIG"
 ENV_VERIFY_CHECKSUMS = "CKPT_VERIFY_CHECKSUMS"
 #: Keys of a ``[backends.<scheme>]`` table that configure ckpt itself, not the backend.
 CORE_KEYS = ("atomicity", "verify_checksums")
+#: The keys a config file may hold at its top level (others are refused: a typo such as
+#: ``atomicty`` must not be ignored silently).
+KNOWN_KEYS = ("atomicity", "backends", "verify_checksums")
 
 
 @dataclass(frozen=True)
@@ -76,31 +82,57 @@ class Config:
 
 
 def _as_name(value: Any, source: str | None) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(
-            f"Invalid 'atomicity' in {source}: expected a strategy name, got {value!r}."
+    """A strategy name as written in ``source``: surrounding blanks are dropped and ``auto``
+    is case-insensitive (other names are matched by :func:`ckpt.registry.get_strategy`)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"Invalid 'atomicity' in {source}: expected a strategy name (a non-empty string "
+            f"such as \"auto\", \"rename\" or \"commit_file\"), got {value!r}."
         )
-    return value
+    value = value.strip()
+    return AUTO if value.lower() == AUTO else value
+
+
+def _check_keys(data: dict[str, Any], where: str) -> None:
+    unknown = sorted(k for k in data if k not in KNOWN_KEYS)
+    if unknown:
+        close = [m for k in unknown for m in difflib.get_close_matches(k, KNOWN_KEYS, n=1)]
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(
+            f"Unknown ckpt config key(s) in {where}: {', '.join(map(repr, unknown))}. Known "
+            f"keys: {', '.join(KNOWN_KEYS)} (backend options go in [backends.<scheme>]).{hint}"
+        )
 
 
 def _parse(path: Path, *, pyproject: bool) -> Config:
+    where = f"{path}" + (" [tool.ckpt]" if pyproject else "")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"Malformed ckpt config file {path}: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Malformed ckpt config file {path}: {exc}") from exc
     if pyproject:
-        data = data.get("tool", {}).get("ckpt", {})
+        tool = data.get("tool", {})
+        data = tool.get("ckpt", {}) if isinstance(tool, dict) else {}
     if not isinstance(data, dict):
-        raise ValueError(f"Malformed ckpt config in {path}: expected a table.")
+        raise ConfigError(f"Malformed ckpt config in {where}: expected a table.")
+    _check_keys(data, where)
     backends = data.get("backends", {})
     if not isinstance(backends, dict) or not all(isinstance(v, dict) for v in backends.values()):
-        raise ValueError(
-            f"Malformed ckpt config in {path}: 'backends' must hold one table per scheme, "
+        raise ConfigError(
+            f"Malformed ckpt config in {where}: 'backends' must hold one table per scheme, "
             "e.g. [backends.s3]."
         )
+    tables: dict[str, dict[str, Any]] = {}
+    for scheme, table in backends.items():
+        key = scheme.strip().lower()  # URL schemes are case-insensitive: [backends.S3]
+        if key in tables:
+            raise ConfigError(
+                f"Malformed ckpt config in {where}: two tables for the scheme {key!r} "
+                f"(names differ only in case or blanks); merge them."
+            )
+        tables[key] = dict(table)
     values = {k: v for k, v in data.items() if k != "backends"}
-    where = f"{path}" + (" [tool.ckpt]" if pyproject else "")
-    return Config(values=values, backends={k: dict(v) for k, v in backends.items()}, source=where)
+    return Config(values=values, backends=tables, source=where)
 
 
 def load_config(cwd: str | os.PathLike[str] | None = None) -> Config:
@@ -128,10 +160,10 @@ def resolve_atomicity(
 ) -> tuple[str, str]:
     """``(name, source)`` of the atomicity setting for ``scheme`` (may be ``auto``)."""
     if atomicity is not None:
-        return atomicity, "atomicity= argument"
-    env = os.environ.get(ENV_ATOMICITY)
-    if env:
-        return env, f"${ENV_ATOMICITY}"
+        return _as_name(atomicity, "the atomicity= argument"), "atomicity= argument"
+    env = os.environ.get(ENV_ATOMICITY, "")
+    if env.strip():  # set but empty counts as unset, as for most variables
+        return _as_name(env, f"${ENV_ATOMICITY}"), f"${ENV_ATOMICITY}"
     config = config if config is not None else load_config()
     schemes = (scheme,) if isinstance(scheme, str) else scheme
     value, where = config.atomicity(*schemes)
@@ -149,7 +181,7 @@ def _as_bool(value: Any, key: str, where: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError(f"Invalid {key!r} in {where}: expected true or false, got {value!r}.")
+    raise ConfigError(f"Invalid {key!r} in {where}: expected true or false, got {value!r}.")
 
 
 def resolve_verify_checksums(

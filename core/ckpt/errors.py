@@ -8,7 +8,9 @@ from __future__ import annotations
 __all__ = [
     "BackendNotInstalledError",
     "CommitConflictError",
+    "ConfigError",
     "CorruptCheckpointError",
+    "InvalidPathError",
     "UnknownStrategyError",
     "UnsafePathError",
     "UnsupportedStrategyError",
@@ -76,3 +78,14 @@ class CorruptCheckpointError(ValueError):
             f"{more}. Restore from another step; `ckpt verify {checkpoint}` lists every "
             "problem."
         )
+
+
+class InvalidPathError(ValueError):
+    """A path or URL that ckpt cannot use as written: a storage URL without ``//``
+    (``s3:/bucket``), ``.``/``..``/empty segments inside a URL, an empty path. The message
+    names the path and says how to write it."""
+
+
+class ConfigError(ValueError):
+    """A configuration value (config file, ``CKPT_*`` environment variable or backend
+    option) is unknown or malformed. The message names where it came from and the fix."""

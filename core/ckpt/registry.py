@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from upath import UPath
 from ckpt import config as config_lib
 from ckpt.backend import Backend
 from ckpt.errors import BackendNotInstalledError, UnknownStrategyError, UnsupportedStrategyError
-from ckpt.paths import to_path
+from ckpt.paths import split_scheme, to_path
 from ckpt.plugins import manager
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackendInfo",
+    "backend_not_installed",
     "get_backend",
     "get_strategy",
     "list_backends",
@@ -42,17 +44,36 @@ _LOCAL_ALIASES = {"", "file", "local", "posix"}
 
 
 def scheme_of(location: Any) -> str:
-    """The URL scheme of a path (``"file"`` for plain local paths)."""
+    """The URL scheme of a path, lower-case (``"file"`` for plain local paths)."""
     if isinstance(location, UPath):
         protocol = location.protocol
         if isinstance(protocol, tuple):
             protocol = protocol[0]
         return "file" if protocol in _LOCAL_ALIASES else str(protocol)
     text = os.fspath(location)
-    if "://" in text:
-        scheme = text.split("://", 1)[0].lower()
-        return "file" if scheme in _LOCAL_ALIASES else scheme
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    parts = split_scheme(text)
+    if parts is not None and parts[1].startswith("//"):
+        return "file" if parts[0] in _LOCAL_ALIASES else parts[0]
     return "file"
+
+
+def backend_not_installed(scheme: str, location: Any) -> BackendNotInstalledError:
+    """The error for a path whose scheme no installed backend serves."""
+    registry = manager.registry()
+    package = KNOWN_BACKEND_PACKAGES.get(scheme)
+    hint = (
+        f"Install it with `pip install {package}`."
+        if package
+        else "Install a ckpt backend plugin that serves this scheme."
+    )
+    failed = [f for f in registry.failures if package and package in f.name]
+    extra = f" (the installed plugin failed to load: {failed[0].error})" if failed else ""
+    return BackendNotInstalledError(
+        f"No ckpt backend is installed for '{scheme}://' (path: {location}){extra}. {hint} "
+        f"Installed backends: {', '.join(sorted(registry.backends)) or 'none'}."
+    )
 
 
 def get_backend(location: Any, *, config: config_lib.Config | None = None) -> Backend:
@@ -61,18 +82,7 @@ def get_backend(location: Any, *, config: config_lib.Config | None = None) -> Ba
     registry = manager.registry()
     backend_class = registry.backends.get(scheme)
     if backend_class is None:
-        package = KNOWN_BACKEND_PACKAGES.get(scheme)
-        hint = (
-            f"Install it with `pip install {package}`."
-            if package
-            else "Install a ckpt backend plugin that serves this scheme."
-        )
-        failed = [f for f in registry.failures if package and package in f.name]
-        extra = f" (the installed plugin failed to load: {failed[0].error})" if failed else ""
-        raise BackendNotInstalledError(
-            f"No ckpt backend is installed for '{scheme}://' (path: {location}){extra}. {hint} "
-            f"Installed backends: {', '.join(sorted(registry.backends)) or 'none'}."
-        )
+        raise backend_not_installed(scheme, location)
     config = config if config is not None else config_lib.load_config()
     options = config.backend_options(scheme, backend_class.scheme)
     key = (scheme, json.dumps(options, sort_keys=True, default=str))
@@ -96,13 +106,21 @@ def list_strategies() -> dict[str, type[TemporaryPath]]:
 def get_strategy(name: str) -> type[TemporaryPath]:
     """The strategy class registered as ``name``."""
     strategies = manager.registry().strategies
-    try:
+    if name in strategies:
         return strategies[name]
-    except KeyError:
-        raise UnknownStrategyError(
-            f"Unknown atomicity strategy {name!r}. Registered strategies: "
-            f"{', '.join(sorted(strategies))} (or 'auto' for the backend's default)."
-        ) from None
+    folded = [k for k in strategies if isinstance(name, str) and k.casefold() == name.casefold()]
+    if len(folded) == 1:  # "Rename", "COMMIT_FILE": names are case-insensitive
+        return strategies[folded[0]]
+    close = (
+        difflib.get_close_matches(name.lower(), [*strategies, "auto"], n=1)
+        if isinstance(name, str)
+        else []
+    )
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownStrategyError(
+        f"Unknown atomicity strategy {name!r}. Registered strategies: "
+        f"{', '.join(sorted(strategies))} (or 'auto' for the backend's default).{hint}"
+    )
 
 
 def supported_strategies(backend: Backend) -> list[str]:
@@ -153,6 +171,9 @@ def resolve(
         name = backend.default_strategy
         source = f"{source} (auto -> {backend.describe()} default)"
     strategy = get_strategy(name)
+    registered = str(getattr(strategy, "name", ""))
+    if registered.casefold() == name.casefold():
+        name = registered  # the registered spelling: "Rename" -> "rename"
     missing = [c for c in getattr(strategy, "requires", ()) if not backend.capabilities.has(c)]
     if missing:
         works = supported_strategies(backend)

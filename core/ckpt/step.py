@@ -16,7 +16,14 @@ from upath import UPath
 
 from ckpt import _sync
 from ckpt.backend import Entry
-from ckpt.layout import check_safe_name, is_temporary_name, is_writer_dir_name
+from ckpt.errors import UnsafePathError
+from ckpt.layout import (
+    TMP_DIR_SUFFIX,
+    WRITER_DIR_INFIX,
+    check_safe_name,
+    is_temporary_name,
+    is_writer_dir_name,
+)
 from ckpt.paths import to_path
 from ckpt.registry import resolve
 from ckpt.temporary_paths import all_temporary_paths_async
@@ -111,6 +118,12 @@ class _StandardNameFormat:
     def __post_init__(self) -> None:
         if self.step_prefix is not None:
             check_safe_name(self.step_prefix, "step prefix")
+            if is_temporary_name(self.step_prefix) or WRITER_DIR_INFIX in self.step_prefix:
+                raise UnsafePathError(
+                    f"Refusing step prefix {self.step_prefix!r}: names holding "
+                    f"{TMP_DIR_SUFFIX!r} or {WRITER_DIR_INFIX!r} are ckpt's temporary names "
+                    "(never listed as steps, removed by cleanup)."
+                )
         if self.step_format_fixed_length is not None and self.step_format_fixed_length < 0:
             raise ValueError("step_format_fixed_length must be >= 0.")
 
@@ -129,22 +142,23 @@ class _StandardNameFormat:
     @property
     def _regex(self) -> re.Pattern[str]:
         n = self.step_format_fixed_length
-        group = rf"(0\d{{{n - 1}}}|[1-9]\d{{{n - 1}}}\d*)" if n else r"(0|[1-9]\d*)"
+        # ASCII digits only: "\u0663" (Arabic-Indic 3) must not be taken for step 3.
+        group = rf"(0[0-9]{{{n - 1}}}|[1-9][0-9]{{{n - 1}}}[0-9]*)" if n else r"(0|[1-9][0-9]*)"
         prefix = re.escape(step_prefix_with_underscore(self.step_prefix))
-        return re.compile(f"^{prefix}{group}$")
+        return re.compile(f"{prefix}{group}", re.DOTALL)  # used with fullmatch
 
     def parse(self, name: str) -> int | None:
-        match = self._regex.match(name)
+        match = self._regex.fullmatch(name)
         return int(match.group(1)) if match else None
 
     def find_all(self, base_path: Any) -> Iterator[Metadata]:
         base = to_path(base_path)
         resolution, entries = _list(base, self.atomicity)
         regex = self._regex
-        matching = [e for e in entries if regex.match(e.name)]
+        matching = [e for e in entries if regex.fullmatch(e.name)]
         names = _sync.run(resolution.strategy.finalized_names(resolution.backend, base, matching))
         return iter(
-            [Metadata(int(regex.match(n).group(1)), base=base, name=n) for n in names]  # type: ignore[union-attr]
+            [Metadata(int(regex.fullmatch(n).group(1)), base=base, name=n) for n in names]  # type: ignore[union-attr]
         )
 
     def find_step(self, base_path: Any, step: int) -> Metadata:
@@ -300,13 +314,18 @@ def get_save_directory(
     return result
 
 
-_ALLOWED_STEP_NAME = re.compile(r"(.+)_(\d+)")
-_TMP_STEP = re.compile(r".*?_*?(\d+)\.orbax-checkpoint-tmp")
+_ALLOWED_STEP_NAME = re.compile(r"(.+)_([0-9]+)", re.DOTALL)
+_TMP_STEP = re.compile(r".*?_*?([0-9]+)\.orbax-checkpoint-tmp", re.DOTALL)
+
+
+def _is_ascii_digits(text: str) -> bool:
+    """``str.isdigit`` for ASCII only (``"²".isdigit()`` is True, ``int("²")`` fails)."""
+    return text.isascii() and text.isdigit()
 
 
 def step_from_checkpoint_name(name: str) -> int:
     """The step number in a checkpoint name (also temporary names)."""
-    if name.isdigit():
+    if _is_ascii_digits(name):
         return int(name)
     if m := _ALLOWED_STEP_NAME.fullmatch(name):
         return int(m.group(2))
@@ -319,7 +338,7 @@ def _legacy_step_name(name: str) -> bool:
     return (
         not is_temporary_name(name)
         and not is_writer_dir_name(name)
-        and (name.isdigit() or name.split("_")[-1].isdigit())
+        and (_is_ascii_digits(name) or _is_ascii_digits(name.split("_")[-1]))
     )
 
 

@@ -203,6 +203,10 @@ async def delete_checkpoint(backend: Backend, final: UPath) -> None:
 
     A crash half way leaves at most a temporary (uncommitted) directory, which cleanup
     removes; never something that looks committed but is not."""
+    if await backend.is_link(final):
+        # A symlink is never a checkpoint: remove the link, never what it points to.
+        await backend.remove_file(final)
+        return
     writer = await committed_writer(backend, final)
     if writer:
         await backend.remove_file(final / COMMIT_SUCCESS_FILE)

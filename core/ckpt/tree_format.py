@@ -777,6 +777,14 @@ def _require(cond: bool, what: str) -> None:
         raise ValueError(what)
 
 
+#: Deepest structure (nested dicts, lists, tuples) a tree document may describe. Deeper
+#: trees cannot be saved either (flattening them exceeds Python's recursion limit).
+MAX_TREE_DEPTH = 512
+#: Largest :data:`TREE_FILE` read (about 4 million leaves); a larger file is refused
+#: before it is parsed.
+MAX_TREE_BYTES = 1 << 30
+
+
 def _validate_document(doc: Any) -> dict[str, Any]:
     """Check the whole JSON document; raise ValueError (message without the file name)."""
     _require(isinstance(doc, dict), "the document is not a JSON object")
@@ -791,8 +799,12 @@ def _validate_document(doc: Any) -> dict[str, Any]:
     )
     leaves = doc.get("leaves")
     _require(isinstance(leaves, list), "'leaves' is not a list")
+    paths: set[str] = set()
     for i, leaf in enumerate(leaves):
         _validate_leaf(i, leaf)
+        if leaf["kind"] in _ARRAY_KINDS:
+            _require(leaf["path"] not in paths, f"leaf {i}: array path {leaf['path']!r} reused")
+            paths.add(leaf["path"])
     seen: set[int] = set()
     _validate_node(doc.get("structure"), len(leaves), seen, "")
     _require(len(seen) == len(leaves), "some leaves are not referenced by the structure")
@@ -835,9 +847,11 @@ def _validate_leaf(i: int, leaf: Any) -> None:
                 f"{where}: bad key_shape {key_shape!r}",
             )
         path = leaf.get("path")
+        # Relative, inside the checkpoint: no '..', '.', '/x', '' or hidden components.
         _require(
             isinstance(path, str) and all(_SAFE_COMPONENT.fullmatch(p) for p in path.split("/")),
-            f"{where}: unsafe or missing array path {path!r}",
+            f"{where}: unsafe or missing array path {path!r} (expected a relative path "
+            "inside the checkpoint, such as 'arrays/0')",
         )
         return
     value = leaf.get("value")
@@ -859,49 +873,60 @@ def _validate_leaf(i: int, leaf: Any) -> None:
 
 
 def _validate_node(node: Any, n_leaves: int, seen: set[int], keypath: str) -> None:
-    where = _display(keypath)
-    _require(isinstance(node, dict), f"structure node at {where!r} is not an object")
-    kind = node.get("type")
-    _require("_rebuild" not in node, f"structure node at {where!r} has a reserved key")
-    if kind == "leaf":
-        index = node.get("index")
-        _require(
-            isinstance(index, int) and not isinstance(index, bool) and 0 <= index < n_leaves,
-            f"structure node at {where!r} has a bad leaf index {index!r}",
-        )
-        _require(index not in seen, f"leaf {index} is referenced twice")
-        seen.add(index)
-        return
-    children = node.get("children")
-    _require(isinstance(children, list), f"structure node at {where!r} has no 'children'")
-    if kind in ("dict", "ordered_dict", "namedtuple", "node"):
-        keys = node.get("keys")
-        key_types: tuple[type, ...] = (str, int) if kind == "node" else (str,)
-        _require(
-            isinstance(keys, list)
-            and all(isinstance(k, key_types) and not isinstance(k, bool) for k in keys)
-            and len(keys) == len(children)
-            and len(set(keys)) == len(keys),
-            f"{kind} at {where!r} has bad 'keys'",
-        )
-        if kind in ("namedtuple", "node"):
-            cls = node.get("class")
+    """Check the structure below ``node`` (iteratively: no recursion, however deep the
+    document) and record the leaf indices it references in ``seen``."""
+    stack: list[tuple[Any, str, int]] = [(node, keypath, 0)]
+    while stack:
+        node, keypath, depth = stack.pop()
+        where = _display(keypath)
+        _require(isinstance(node, dict), f"structure node at {where!r} is not an object")
+        kind = node.get("type")
+        _require("_rebuild" not in node, f"structure node at {where!r} has a reserved key")
+        if kind == "leaf":
+            index = node.get("index")
             _require(
-                isinstance(cls, str) and cls.count(":") == 1,
-                f"{kind} at {where!r} has a bad 'class' {cls!r}",
+                isinstance(index, int) and not isinstance(index, bool) and 0 <= index < n_leaves,
+                f"structure node at {where!r} has a bad leaf index {index!r}",
             )
-        if kind == "namedtuple":
+            _require(index not in seen, f"leaf {index} is referenced twice")
+            seen.add(index)
+            continue
+        _require(
+            depth < MAX_TREE_DEPTH,
+            f"structure at {where[:200]!r} is nested deeper than {MAX_TREE_DEPTH} levels",
+        )
+        children = node.get("children")
+        _require(isinstance(children, list), f"structure node at {where!r} has no 'children'")
+        if kind in ("dict", "ordered_dict", "namedtuple", "node"):
+            keys = node.get("keys")
+            key_types: tuple[type, ...] = (str, int) if kind == "node" else (str,)
             _require(
-                all(k.isidentifier() for k in keys) and node["class"].rpartition(".")[2],
-                f"namedtuple at {where!r} has bad field names",
+                isinstance(keys, list)
+                and all(isinstance(k, key_types) and not isinstance(k, bool) for k in keys)
+                and len(keys) == len(children)
+                and len(set(keys)) == len(keys),
+                f"{kind} at {where!r} has bad 'keys'",
             )
-        for key, child in zip(keys, children, strict=True):
-            _validate_node(child, n_leaves, seen, _join_node_key(keypath, key))
-    elif kind in ("list", "tuple"):
-        for i, child in enumerate(children):
-            _validate_node(child, n_leaves, seen, _join_index(keypath, i))
-    else:
-        raise ValueError(f"structure node at {where!r} has unknown type {kind!r}")
+            if kind in ("namedtuple", "node"):
+                cls = node.get("class")
+                _require(
+                    isinstance(cls, str) and cls.count(":") == 1,
+                    f"{kind} at {where!r} has a bad 'class' {cls!r}",
+                )
+            if kind == "namedtuple":
+                _require(
+                    all(k.isidentifier() for k in keys) and node["class"].rpartition(".")[2],
+                    f"namedtuple at {where!r} has bad field names",
+                )
+            items = [
+                (c, _join_node_key(keypath, k)) for k, c in zip(keys, children, strict=True)
+            ]
+        elif kind in ("list", "tuple"):
+            items = [(c, _join_index(keypath, i)) for i, c in enumerate(children)]
+        else:
+            raise ValueError(f"structure node at {where!r} has unknown type {kind!r}")
+        # Reversed: leaves are checked (and errors reported) in document order.
+        stack.extend((c, kp, depth + 1) for c, kp in reversed(items))
 
 
 async def tree_metadata(backend: Backend, directory: UPath) -> dict[str, Any]:
@@ -921,10 +946,19 @@ async def tree_metadata(backend: Backend, directory: UPath) -> dict[str, Any]:
 
 def _parse_tree_document(raw: bytes, directory: UPath) -> dict[str, Any]:
     path = directory / TREE_FILE
+    if len(raw) > MAX_TREE_BYTES:
+        raise ValueError(
+            f"Malformed tree metadata {path}: {len(raw)} bytes, more than the "
+            f"{MAX_TREE_BYTES} bytes of a {TREE_FILE} ckpt reads."
+        )
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"Malformed tree metadata {path}: not valid JSON ({e}).") from None
+    except RecursionError:
+        raise ValueError(
+            f"Malformed tree metadata {path}: nested deeper than {MAX_TREE_DEPTH} levels."
+        ) from None
     try:
         return _validate_document(doc)
     except ValueError as e:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
+
+from ckpt.errors import ConfigError
 
 __all__ = ["LAYOUTS", "GCSOptions"]
 
@@ -50,30 +53,35 @@ class GCSOptions:
         unknown = sorted(set(options) - set(_KEYS))
         if unknown:
             known = "; ".join(f"{k}: {v}" for k, v in _KEYS.items())
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown option(s) {', '.join(map(repr, unknown))} in the ckpt GCS backend "
                 f"configuration ([backends.gs]). Known options: {known}."
             )
         endpoint = options.get("endpoint_url") or _emulator_host()
         if endpoint is not None and not isinstance(endpoint, str):
-            raise ValueError(f"[backends.gs] endpoint_url must be a string, got {endpoint!r}.")
+            raise ConfigError(f"[backends.gs] endpoint_url must be a string, got {endpoint!r}.")
         endpoint = endpoint.rstrip("/") if endpoint else None
         control = options.get("storage_control_endpoint")
         if control is not None and not isinstance(control, str):
-            raise ValueError(
+            raise ConfigError(
                 f"[backends.gs] storage_control_endpoint must be a string, got {control!r}."
             )
         layout = options.get("layout", "auto")
         if layout not in LAYOUTS:
-            raise ValueError(
+            raise ConfigError(
                 f"[backends.gs] layout must be one of {', '.join(LAYOUTS)}, got {layout!r}."
             )
         timeouts = {}
         for key in ("rename_timeout_s", "rpc_timeout_s"):
             if key in options:
                 value = options[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ValueError(
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not math.isfinite(value)
+                    or value <= 0
+                ):
+                    raise ConfigError(
                         f"[backends.gs] {key} must be a positive number, got {value!r}."
                     )
                 timeouts[key] = float(value)

@@ -70,7 +70,10 @@ class LocalBackend(Backend):
         try:
             os.mkdir(target)
         except FileExistsError:
-            if not exist_ok or not os.path.isdir(target) or os.path.islink(target):
+            # With exist_ok an existing directory, or a symlink to one (a root such as
+            # ~/ckpts -> /scratch/ckpts, as for its ancestors), is fine. Without it nothing
+            # existing is, a symlink least of all: it is never taken as a new checkpoint.
+            if not exist_ok or not os.path.isdir(target):
                 raise FileExistsError(
                     errno.EEXIST, "Directory already exists (or is not a directory)", target
                 ) from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import errno
 import logging
 import os
@@ -43,6 +44,7 @@ from upath import UPath
 
 from ckpt import hookimpl
 from ckpt.backend import Backend, Capabilities, Entry
+from ckpt.errors import ConfigError, InvalidPathError
 
 __all__ = ["OPTION_KEYS", "S3Backend", "S3Settings", "resolve_settings"]
 
@@ -100,7 +102,7 @@ def _check_str(options: Mapping[str, Any], key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(
+        raise ConfigError(
             f"Invalid [backends.s3] option {key!r}: expected a non-empty string, "
             f"got a {type(value).__name__}."
         )
@@ -112,7 +114,7 @@ def resolve_settings(
 ) -> S3Settings:
     """Settings from the ``[backends.s3]`` table, then the standard AWS variables.
 
-    Raises ValueError for unknown keys (credential-like keys get a hint to use the
+    Raises ConfigError (a ValueError) for unknown keys (credential-like keys get a hint to use the
     environment or a profile; their values are never echoed)."""
     options = dict(options or {})
     environ = os.environ if environ is None else environ
@@ -126,7 +128,10 @@ def resolve_settings(
             if secretish
             else ""
         )
-        raise ValueError(
+        close = [m for k in unknown for m in difflib.get_close_matches(k, OPTION_KEYS, n=1)]
+        if close and not secretish:
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?"
+        raise ConfigError(
             f"Unknown [backends.s3] option(s): {', '.join(unknown)}. "
             f"Known options: {', '.join(OPTION_KEYS)}.{hint}"
         )
@@ -145,7 +150,7 @@ def resolve_settings(
     else:
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid S3 endpoint from {source}: expected an http(s) URL such as "
                 f"'http://127.0.0.1:9000', got {endpoint!r}."
             )
@@ -159,7 +164,7 @@ def resolve_settings(
     profile = _check_str(options, "profile")
     anon = options.get("anon", False)
     if not isinstance(anon, bool):
-        raise ValueError(
+        raise ConfigError(
             f"Invalid [backends.s3] option 'anon': expected true or false, got {anon!r}."
         )
     return S3Settings(
@@ -237,6 +242,8 @@ class S3Backend(Backend):
         self._fs: Any = None
         self._fs_pid: int | None = None
         self._fs_lock = threading.Lock()
+        #: Buckets seen to exist (checked once, before the first array write into each).
+        self._buckets_seen: set[str] = set()
 
     def __repr__(self) -> str:
         s = self.settings
@@ -288,7 +295,7 @@ class S3Backend(Backend):
             kwargs["profile"] = s.profile
         return s3fs.S3FileSystem(**kwargs)
 
-    async def _io(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def _io(self, coro: Coroutine[Any, Any, T], path: Any = None) -> T:
         """Run ``coro`` on fsspec's I/O loop, where the s3fs session lives (a caller on
         another event loop waits for it there)."""
         loop = fsspec.asyn.get_loop()
@@ -296,9 +303,23 @@ class S3Backend(Backend):
             running = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - always called from a coroutine
             running = None
-        if running is loop:
-            return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        try:
+            if running is loop:
+                return await coro
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        except Exception as exc:
+            if type(exc).__name__ == "NoCredentialsError":  # botocore's, untranslated by s3fs
+                raise self._no_credentials(exc, path) from exc
+            raise
+
+    def _no_credentials(self, exc: BaseException, path: Any) -> PermissionError:
+        return PermissionError(
+            errno.EACCES,
+            f"No AWS credentials found for S3 ({self._where()}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, name a profile (AWS_PROFILE or [backends.s3] profile), "
+            f"or set [backends.s3] anon = true for a public bucket ({exc})",
+            str(path),
+        )
 
     async def _call(self, method: str, **kwargs: Any) -> Any:
         return await self.fs._call_s3(method, **kwargs)
@@ -313,8 +334,15 @@ class S3Backend(Backend):
                 break
         bucket, _, key = text.partition("/")
         if not bucket:
-            raise ValueError(f"S3 path {path} names no bucket (expected s3://BUCKET/KEY).")
-        return bucket, key.strip("/")
+            raise InvalidPathError(f"S3 path {path} names no bucket (expected s3://BUCKET/KEY).")
+        key = key.strip("/")
+        if key and any(s in (".", "..", "") for s in key.split("/")):
+            # S3 keeps such keys literally, tensorstore normalises them: refuse, never split
+            # one checkpoint over two prefixes.
+            raise InvalidPathError(
+                f"S3 path {path} holds '.', '..' or empty segments; write it without them."
+            )
+        return bucket, key
 
     def _url(self, bucket: str, key: str = "") -> str:
         return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
@@ -352,7 +380,7 @@ class S3Backend(Backend):
 
     # -- primitives --------------------------------------------------------------------------
     async def exists(self, path: UPath) -> bool:
-        return await self._io(self._exists(path))
+        return await self._io(self._exists(path), path)
 
     async def _exists(self, path: UPath) -> bool:
         bucket, key = self._split(path)
@@ -385,7 +413,7 @@ class S3Backend(Backend):
         return True
 
     async def is_dir(self, path: UPath) -> bool:
-        return await self._io(self._is_dir(path))
+        return await self._io(self._is_dir(path), path)
 
     async def _is_dir(self, path: UPath) -> bool:
         bucket, key = self._split(path)
@@ -404,15 +432,28 @@ class S3Backend(Backend):
     async def mkdir(
         self, path: UPath, *, parents: bool = True, exist_ok: bool = True, mode: int | None = None
     ) -> None:
-        """No-op: S3 has no directories (a prefix exists once an object is under it).
+        """Writes nothing: S3 has no directories (a prefix exists once an object is under
+        it). The first call for a bucket checks that the bucket exists (one LIST), so a
+        save into a missing bucket fails here, naming it, before tensorstore writes
+        anything (tensorstore would retry its PUTs on 404 forever).
 
         ``exist_ok=False`` cannot be enforced; ckpt's writer directories are unique by
         name, and the commit itself is guarded by the conditional put. ``mode`` is ignored
         (no ``permissions`` capability)."""
-        self._split(path)  # still refuse a path without a bucket
+        bucket, _ = self._split(path)  # still refuse a path without a bucket
+        if bucket not in self._buckets_seen:
+            # tensorstore retries a PUT into a missing bucket forever: check it once first.
+            await self._io(self._require_bucket(bucket, path), path)
+
+    async def _require_bucket(self, bucket: str, path: Any) -> None:
+        try:
+            await self._call("list_objects_v2", Bucket=bucket, MaxKeys=1)
+        except FileNotFoundError as exc:
+            raise self._missing_bucket(bucket, path, exc) from exc
+        self._buckets_seen.add(bucket)
 
     async def list_dir(self, path: UPath) -> list[Entry]:
-        return await self._io(self._list_dir(path))
+        return await self._io(self._list_dir(path), path)
 
     async def _list_dir(self, path: UPath) -> list[Entry]:
         bucket, key = self._split(path)
@@ -436,7 +477,7 @@ class S3Backend(Backend):
         return list(entries.values())
 
     async def read_bytes(self, path: UPath) -> bytes:
-        return await self._io(self._read_bytes(path))
+        return await self._io(self._read_bytes(path), path)
 
     async def _read_bytes(self, path: UPath) -> bytes:
         bucket, key = self._split(path)
@@ -451,7 +492,7 @@ class S3Backend(Backend):
             raise FileNotFoundError(errno.ENOENT, "No such S3 object", str(path)) from exc
 
     async def write_bytes(self, path: UPath, data: bytes) -> None:
-        await self._io(self._write_bytes(path, data))
+        await self._io(self._write_bytes(path, data), path)
 
     async def _write_bytes(self, path: UPath, data: bytes) -> None:
         bucket, key = self._split(path)
@@ -465,7 +506,7 @@ class S3Backend(Backend):
             raise
 
     async def create_exclusive(self, path: UPath, data: bytes) -> None:
-        await self._io(self._create_exclusive(path, data))
+        await self._io(self._create_exclusive(path, data), path)
 
     async def _create_exclusive(self, path: UPath, data: bytes) -> None:
         bucket, key = self._split(path)
@@ -511,7 +552,7 @@ class S3Backend(Backend):
         return metadata.get(_CREATE_ID) == create_id
 
     async def remove_file(self, path: UPath) -> None:
-        await self._io(self._remove_file(path))
+        await self._io(self._remove_file(path), path)
 
     async def _remove_file(self, path: UPath) -> None:
         bucket, key = self._split(path)
@@ -562,7 +603,7 @@ class S3Backend(Backend):
             await asyncio.gather(*(delete(b) for b in batches))
 
     async def remove_tree(self, path: UPath) -> None:
-        await self._io(self._remove_tree(path))
+        await self._io(self._remove_tree(path), path)
 
     async def _remove_tree(self, path: UPath) -> None:
         bucket, key = self._split(path)
@@ -636,7 +677,7 @@ class S3Backend(Backend):
         """No-op: S3 has no directory entries to flush."""
 
     async def exists_many(self, paths: Sequence[UPath]) -> list[bool]:
-        return await self._io(self._exists_many(paths))
+        return await self._io(self._exists_many(paths), paths[0] if paths else None)
 
     async def _exists_many(self, paths: Sequence[UPath]) -> list[bool]:
         semaphore = asyncio.Semaphore(_CONCURRENCY)
@@ -648,7 +689,7 @@ class S3Backend(Backend):
         return list(await asyncio.gather(*(one(p) for p in paths)))
 
     async def tree_size(self, path: UPath) -> int:
-        return await self._io(self._tree_size(path))
+        return await self._io(self._tree_size(path), path)
 
     async def _tree_size(self, path: UPath) -> int:
         bucket, key = self._split(path)
@@ -676,7 +717,7 @@ class S3Backend(Backend):
         return {k[len(prefix) :]: size for k, size in objects if not k.endswith("/")}
 
     async def file_size(self, path: UPath) -> int:
-        return await self._io(self._file_size(path))
+        return await self._io(self._file_size(path), path)
 
     async def modified_ns(self, path: UPath) -> int | None:
         return await self._io(self._modified_ns(path))
