@@ -7,10 +7,9 @@ discovery function (ckpt's and Orbax's) skips.
 
 ``force=True`` replaces an existing checkpoint. Unlike Orbax, which deletes the old
 checkpoint before writing the new one, ckpt writes the new checkpoint completely first and
-deletes the old one only immediately before the commit. A failure while writing (the long
-part: storage errors, a full disk, a crash) leaves the old checkpoint intact; only a
-process death in the short window between that deletion and the commit loses both (the
-new data then sits in a temporary directory that cleanup removes).
+lets the strategy replace the old one in its commit (see
+:meth:`ckpt.TemporaryPath.finalize`): the old checkpoint stays committed and readable until
+the new one is, and a failure or a crash at any point leaves exactly one of them committed.
 """
 
 from __future__ import annotations
@@ -26,15 +25,16 @@ from typing import Any, Self
 
 from upath import UPath
 
-from ckpt import _progress, _timing, tree_format
+from ckpt import _progress, _tasks, _timing, tree_format
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
-from ckpt.errors import CommitConflictError
+from ckpt.committed import owner
+from ckpt.discovery import PathState, path_state_async
+from ckpt.errors import CommitNotDurableError
 from ckpt.paths import to_path
 from ckpt.registry import Resolution, resolve
 from ckpt.step_metadata import StepMetadata, read_step_metadata
-from ckpt.temporary_path import FileOptions, TemporaryPath, content_path, delete_checkpoint
-from ckpt.temporary_paths import PathState, path_state_async
+from ckpt.strategy import FileOptions, TemporaryPath
 
 __all__ = ["ITEM_HANDLERS", "Checkpointer"]
 
@@ -79,8 +79,6 @@ class SaveRequest:
     #: The phase in progress: ``blocking``, ``directory_creation``, ``write``, ``commit``,
     #: ``committed``.
     phase: str = "blocking"
-    #: True once ``force`` has deleted the checkpoint that was at ``final``.
-    replaced_old: bool = False
     #: Progress callback for the array writes (synchronous saves on a terminal).
     progress: _progress.ProgressCallback | None = None
 
@@ -94,9 +92,14 @@ async def _discard_after_failure(request: SaveRequest, exc: BaseException) -> No
     tmp, final, backend = request.tmp, request.final, request.backend
     if request.phase == "directory_creation" and isinstance(exc, FileExistsError):
         return  # create() refused: the temporary path was not made by this writer.
+    if isinstance(exc, CommitNotDurableError):
+        return  # committed: this writer's data is the checkpoint
     if request.phase in ("commit", "committed"):
         try:
-            if await content_path(backend, final) == tmp.get():
+            strategy = request.resolution.strategy
+            if not await backend.exists(tmp.get()):
+                return  # nothing of this writer's is left to remove
+            if (await owner(backend, final, strategy))[1] == tmp.get():
                 logger.warning(
                     "Save of %s failed after its commit (%r); the checkpoint is committed.",
                     final,
@@ -111,14 +114,6 @@ async def _discard_after_failure(request: SaveRequest, exc: BaseException) -> No
                 tmp.get(),
             )
             return
-    if request.replaced_old and not isinstance(exc, CommitConflictError):
-        # The old checkpoint is gone and this data is the only complete copy: keep it.
-        exc.add_note(
-            f"force=True had already deleted the previous checkpoint at {final}; the new, "
-            f"complete but uncommitted data was kept at {tmp.get()} (temporary: the next "
-            "cleanup removes it)."
-        )
-        return
     try:
         await asyncio.wait_for(tmp.discard(), _DISCARD_TIMEOUT_SECS)
     except Exception as discard_exc:
@@ -131,8 +126,9 @@ async def _discard_after_failure(request: SaveRequest, exc: BaseException) -> No
 
 
 async def write_and_commit(request: SaveRequest) -> None:
-    """Create the temporary path, write the tree, (with ``force``) delete the old
-    checkpoint, commit. On failure, discard this writer's temporary data and re-raise."""
+    """Create the temporary path, write the tree, commit (with ``force``, replacing the
+    old checkpoint). On failure, wait for every outstanding write, discard this writer's
+    temporary data and re-raise."""
     tmp, final, backend = request.tmp, request.final, request.backend
     try:
         request.phase = "directory_creation"
@@ -141,14 +137,17 @@ async def write_and_commit(request: SaveRequest) -> None:
         request.phase = "write"
         with _timing.timed("write", path=final):
             assert request.prepared is not None, "a save request is written only once"
-            await tree_format.write(backend, tmp.get(), request.prepared, progress=request.progress)
+            await _tasks.settled(
+                tree_format.write(backend, tmp.get(), request.prepared, progress=request.progress),
+                timeout=_DISCARD_TIMEOUT_SECS,
+            )
         request.phase = "commit"
         with _timing.timed("commit", path=final):
-            if request.force and await backend.exists(final):
-                logger.info("force=True: deleting the existing checkpoint %s", final)
-                request.replaced_old = True
-                await delete_checkpoint(backend, final)
-            await tmp.finalize()
+            try:
+                await tmp.finalize()
+            except CommitNotDurableError:
+                request.phase = "committed"
+                raise
         request.phase = "committed"
     except BaseException as exc:  # includes cancellation by a timeout
         await _discard_after_failure(request, exc)
@@ -168,7 +167,7 @@ async def occupied(resolution: Resolution, final: UPath) -> PathState | None:
     if not await backend.exists(final):
         return None
     state = await path_state_async(final, resolution.strategy, backend)
-    if state is PathState.UNKNOWN and not await backend.list_dir(final):
+    if state is not PathState.FINALIZED and not await backend.list_dir(final):
         return None
     return state
 
@@ -226,7 +225,7 @@ async def committed_content(resolution: Resolution, final: UPath) -> UPath:
             f"Found incomplete checkpoint at {final}: its state is '{state}' under the "
             f"'{resolution.name}' strategy; {why}."
         )
-    return await content_path(backend, final)
+    return (await owner(backend, final, resolution.strategy))[1]
 
 
 class Checkpointer:
@@ -322,6 +321,8 @@ class Checkpointer:
                 is not a JSON-serializable dict.
             TypeError: ``tree`` holds an unsupported leaf (the message names it).
             ckpt.CommitConflictError: another writer committed ``path`` first.
+            ckpt.CommitNotDurableError: the checkpoint was committed but the commit could
+                not be made durable (see its message).
         """
         self._save(path, tree, force=force, custom_metadata=custom_metadata)
 
@@ -344,6 +345,10 @@ class Checkpointer:
             with _progress.byte_progress(f"saving {request.final}", show) as bar:
                 request.progress = bar
                 run_sync(write_and_commit(request))
+        except CommitNotDurableError:
+            if on_commit is not None:  # committed: the step exists
+                on_commit()
+            raise
         except BaseException as exc:
             if on_failure is not None:
                 on_failure(exc)

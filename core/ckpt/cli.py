@@ -13,12 +13,12 @@ from rich.table import Table
 
 from ckpt import _progress, _sync, config, registry
 from ckpt.backend import Backend
-from ckpt.layout import WRITERS_DIR
+from ckpt.cleanup import all_temporary_paths_async, remove_temporaries, repair_async
+from ckpt.committed import owner
+from ckpt.discovery import PathState, path_state_async, scan_root
 from ckpt.paths import to_path
 from ckpt.plugins import manager as plugin_manager
 from ckpt.step_metadata import read_step_metadata
-from ckpt.temporary_path import content_path
-from ckpt.temporary_paths import PathState, all_temporary_paths_async, path_state_async
 
 app = typer.Typer(
     help="ckpt: atomic checkpoints on any storage.", no_args_is_help=True, add_completion=False
@@ -65,21 +65,20 @@ def _when(ns: int | None) -> str:
 # -- ls ---------------------------------------------------------------------------------------
 async def _describe_entries(root: Any, res: registry.Resolution) -> list[dict[str, Any]]:
     backend: Backend = res.backend
-    entries = [
-        e
-        for e in await backend.list_dir(root)
-        if e.is_dir and not e.is_link and e.name != WRITERS_DIR
-    ]
-    writers = [
-        t.get()
-        for t in await all_temporary_paths_async(root, backend)
-        if t.get().parent.name == WRITERS_DIR
-    ]
+    scan = await scan_root(root, backend, res.strategy)
+    rows: list[tuple[Any, str, PathState]] = [
+        (root / n, n, PathState.FINALIZED) for n in scan.finalized
+    ] + [(root / n, n, PathState.UNKNOWN) for n in scan.unknown]
+    prefix = str(root).rstrip("/") + "/"
+    for tmp in scan.temporary:  # what the strategies show, nested ones by relative path
+        rows.append((tmp.get(), str(tmp.get()).removeprefix(prefix), PathState.TEMPORARY))
 
-    async def one(path: Any, label: str) -> dict[str, Any]:
-        state = await path_state_async(path, res.strategy, backend)
+    async def one(path: Any, label: str, state: PathState) -> dict[str, Any]:
         row: dict[str, Any] = {"name": label, "state": state, "size": None, "commit": None}
-        where = await content_path(backend, path) if state == PathState.FINALIZED else path
+        if state == PathState.FINALIZED:
+            where = (await owner(backend, path, res.strategy))[1]
+        else:
+            where = path
         try:
             meta = await read_step_metadata(backend, where)
         except ValueError:
@@ -89,12 +88,7 @@ async def _describe_entries(root: Any, res: registry.Resolution) -> list[dict[st
         row["size"] = await backend.tree_size(where)
         return row
 
-    return list(
-        await asyncio.gather(
-            *(one(root / e.name, e.name) for e in entries),
-            *(one(w, f"{WRITERS_DIR}/{w.name}") for w in writers),
-        )
-    )
+    return list(await asyncio.gather(*(one(*row) for row in rows)))
 
 
 def _step_key(name: str) -> tuple[int, str]:
@@ -145,7 +139,14 @@ def gc(
     root = to_path(directory)
     res = registry.resolve(root)
     cutoff = time.time_ns() - int(older_than * 1e9) if older_than else None
-    temps = _sync.run(all_temporary_paths_async(root, res.backend, created_before_ns=cutoff))
+
+    async def find() -> list[Any]:
+        entries = None if dry_run else (await repair_async(root, res.backend, res.strategy))[0]
+        return await all_temporary_paths_async(
+            root, res.backend, strategy=res.strategy, created_before_ns=cutoff, entries=entries
+        )
+
+    temps = _sync.run(find())
     if not temps:
         _io.out.print(f"no temporary checkpoints under {root}")
         return
@@ -153,10 +154,7 @@ def gc(
         _io.out.print(f"{'would remove' if dry_run else 'removing'} {tmp.get()}")
     if not dry_run:
 
-        async def remove_all() -> None:
-            await asyncio.gather(*(res.backend.remove_tree(t.get()) for t in temps))
-
-        _sync.run(remove_all())
+        _sync.run(remove_temporaries(res.backend, temps))
         _io.out.print(f"removed {len(temps)} temporary checkpoint(s)")
 
 
@@ -175,7 +173,7 @@ def verify(
     if state != PathState.FINALIZED:
         _io.err.print(f"[red]{final} is {state.value}, not a committed checkpoint[/]")
         raise typer.Exit(1)
-    where = _sync.run(content_path(res.backend, final))
+    where = _sync.run(owner(res.backend, final, res.strategy))[1]
     try:
         meta = _sync.run(read_step_metadata(res.backend, where))
         tree_meta = _sync.run(tree_format.tree_metadata(res.backend, where))

@@ -16,10 +16,10 @@ from upath import UPath
 
 from ckpt import _sync
 from ckpt.backend import Entry
-from ckpt.layout import check_safe_name, is_temporary_name, is_writer_dir_name
+from ckpt.cleanup import all_temporary_paths_async
+from ckpt.layout import check_safe_name
 from ckpt.paths import to_path
 from ckpt.registry import resolve
-from ckpt.temporary_paths import all_temporary_paths_async
 
 __all__ = [
     "Metadata",
@@ -231,7 +231,9 @@ def find_step_path(
     if include_uncommitted:
         final = build_step_path(base, name_format, step)
         resolution = resolve(base)
-        temps = _sync.run(all_temporary_paths_async(base, resolution.backend))
+        temps = _sync.run(
+            all_temporary_paths_async(base, resolution.backend, strategy=resolution.strategy)
+        )
         for tmp in temps:
             if str(tmp.get_final()) == str(final):
                 return tmp.get()
@@ -291,11 +293,7 @@ def step_from_checkpoint_name(name: str) -> int:
 
 
 def _legacy_step_name(name: str) -> bool:
-    return (
-        not is_temporary_name(name)
-        and not is_writer_dir_name(name)
-        and (name.isdigit() or name.split("_")[-1].isdigit())
-    )
+    return name.isdigit() or name.split("_")[-1].isdigit()
 
 
 def checkpoint_steps_paths(checkpoint_dir: Any, *, atomicity: str | None = None) -> list[UPath]:
