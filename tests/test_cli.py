@@ -52,11 +52,13 @@ def test_gc_dry_run_then_remove(tmp_path: Path) -> None:
     tmp = ckpt.get_strategy("rename").from_final(tmp_path / "2")
     _sync.run(tmp.create())
     (tmp_path / "3").mkdir()  # unknown under commit_file, finalized under rename: kept
+    (tmp_path / "3" / "weights.h5").write_bytes(b"x")
+    (tmp_path / "4").mkdir()  # empty: what an interrupted commit_file commit leaves
     result = runner.invoke(app, ["gc", str(tmp_path), "--dry-run"])
     assert result.exit_code == 0 and "would remove" in result.output
     assert tmp.get().exists()
     result = runner.invoke(app, ["gc", str(tmp_path)])
-    assert result.exit_code == 0 and "removed 1" in result.output
+    assert result.exit_code == 0 and "removed 2" in result.output
     assert not tmp.get().exists()
     assert sorted(os.listdir(tmp_path)) == ["1", "3"]
 

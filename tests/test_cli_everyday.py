@@ -107,8 +107,10 @@ def test_verify_on_a_checkpoint_root(tmp_path: Path) -> None:
 def test_ls_lists_non_step_directories_apart(tmp_path: Path) -> None:
     with ckpt.CheckpointManager(tmp_path, async_save=False) as mngr:
         mngr.save(1, {"w": np.ones(2)})
-    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes").mkdir()  # not empty (an empty directory is a leftover to clean up)
+    (tmp_path / "notes" / "todo.txt").write_text("more layers")
     (tmp_path / "step_7").mkdir()
+    (tmp_path / "step_7" / "data").write_text("?")
     proc = cli("ls", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]

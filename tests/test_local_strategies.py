@@ -21,7 +21,7 @@ from ckpt_backend_local import _rename
 
 def _events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     events: list[tuple[str, str]] = []
-    real_fsync, real_rename, real_open = os.fsync, _rename.rename_noreplace, os.open
+    real_fsync, real_rename, real_link = os.fsync, _rename.rename_noreplace, os.link
 
     def fsync(fd: int) -> None:
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -31,13 +31,12 @@ def _events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
         events.append(("rename", dst))
         real_rename(src, dst)
 
-    def opener(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if flags & os.O_EXCL and not str(path).count(".ckpt-partial-"):
-            events.append(("create_exclusive", os.fspath(path)))
-        return real_open(path, flags, *args, **kwargs)
+    def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        events.append(("create_exclusive", os.fspath(dst)))  # the marker appears complete
+        real_link(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "open", opener)
+    monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr("ckpt_backend_local.rename_noreplace", rename)
     return events
 

@@ -172,6 +172,7 @@ def test_old_steps_deleted_in_background(tmp_path: Path, backend: InstrumentedBa
 def test_cleanup_does_not_delay_first_save(tmp_path: Path, backend: InstrumentedBackend) -> None:
     stale = stale_temporary(tmp_path, "4")
     (tmp_path / "notes").mkdir()  # unknown: never deleted
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
     gate = backend.gate("list_dir")  # the cleanup's listing hangs
     mngr = ckpt.CheckpointManager(tmp_path, backend=backend, async_save=False, max_to_keep=1)
     assert backend.entered["list_dir"].wait(10)

@@ -165,7 +165,8 @@ def test_failing_commit_leaves_partial_dir_intact(tmp_path: Path, atomicity: str
     assert snapshot(partial_save_path(path)) == before
     assert not ckpt.is_path_finalized(path, atomicity=atomicity)
     assert not path.exists() or os.listdir(path) == []  # commit_file: mkdir before the marker
-    assert ckpt.all_temporary_paths(tmp_path) == []
+    # at most that empty final directory is left, and it is recognised as a leftover
+    assert [t.get().name for t in ckpt.all_temporary_paths(tmp_path)] in ([], ["ck"])
     ckpt.partial.finalize(path, atomicity=atomicity)  # a retry succeeds
     assert ckpt.Checkpointer(atomicity).restore(path)["b"] == 2
 

@@ -15,6 +15,7 @@ from ckpt_backend_local import LocalBackend
 
 
 def test_builtins_are_registered_through_hooks() -> None:
+    manager.registry()  # plugins load on first use
     names = {manager.pm.get_name(p) for p in manager.pm.get_plugins()}
     assert {"ckpt_backend_local", "ckpt_strategies.rename", "ckpt_strategies.commit_file"} <= names
     assert set(ckpt.list_strategies()) >= {"rename", "commit_file"}

@@ -123,6 +123,10 @@ class InstrumentedBackend(Backend):
         await self.hook("rename_dir", dst)
         await self.inner.rename_dir(src, dst)
 
+    async def exchange_dirs(self, a: UPath, b: UPath) -> None:
+        await self.hook("exchange_dirs", b)
+        await self.inner.exchange_dirs(a, b)
+
     async def sync_tree(self, path: UPath) -> None:
         await self.hook("sync_tree", path)
         await self.inner.sync_tree(path)

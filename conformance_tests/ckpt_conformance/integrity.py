@@ -58,13 +58,13 @@ class IntegrityConformance:
         """Save a tree; return (checkpoint URL, content URL, files in its manifest)."""
         from ckpt import _sync
         from ckpt.manifest import read_manifest
-        from ckpt.temporary_path import content_path
+        from ckpt.committed import content_path
 
         final = f"{root}/7"
         ckpt.Checkpointer(strategy).save(final, _tree())
         backend = ckpt.get_backend(final)
         path = ckpt.registry.to_path(final)
-        content = _sync.run(content_path(backend, path))
+        content = _sync.run(content_path(backend, path, atomicity=strategy))
         manifest = _sync.run(read_manifest(backend, content))
         assert manifest is not None, "every save records a manifest"
         return final, str(content), sorted(manifest.files)

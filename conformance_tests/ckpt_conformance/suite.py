@@ -14,9 +14,14 @@ import ckpt
 from ckpt import _sync
 from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE
 from ckpt.registry import resolve, supported_strategies
+from ckpt_conformance.instrumented import InstrumentedBackend
 from ckpt_conformance.integrity import IntegrityConformance
 
-STRATEGIES = ("rename", "commit_file")
+
+def strategy_names() -> list[str]:
+    """Every registered strategy (built-in and third-party), by name: the ``strategy``
+    fixture runs each one the backend under test has the capabilities for."""
+    return list(ckpt.list_strategies())
 
 
 def _join(root: str, *parts: str) -> str:
@@ -50,7 +55,12 @@ class BackendConformance(IntegrityConformance):
         fs, _ = fsspec.core.url_to_fs(root, **ckpt_storage_options)
         return _Raw(fs)
 
-    @pytest.fixture(params=STRATEGIES)
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Parametrize ``strategy`` with the strategies registered at collection time."""
+        if "strategy" in metafunc.fixturenames:
+            metafunc.parametrize("strategy", strategy_names(), indirect=True)
+
+    @pytest.fixture
     def strategy(self, request: pytest.FixtureRequest, backend: ckpt.Backend, root: str) -> str:
         name: str = request.param
         cls = ckpt.get_strategy(name)
@@ -261,8 +271,8 @@ class BackendConformance(IntegrityConformance):
         assert not raw.exists(str(live.get() / "data.bin"))
         assert raw.cat(_join(root, "3", "data.bin")) == b"precious"
         state = ckpt.path_state(_join(root, "3"), atomicity=strategy)
-        if strategy == "rename":
-            # Under rename a name without the temporary suffix is the commit evidence.
+        if ckpt.get_strategy(strategy).names_are_commit_evidence:
+            # A name without temporary evidence is itself the commit evidence (rename).
             assert state == ckpt.PathState.FINALIZED
         else:
             assert state == ckpt.PathState.UNKNOWN
@@ -286,6 +296,59 @@ class BackendConformance(IntegrityConformance):
         assert ckpt.checkpoint_steps(root, atomicity=strategy) == []
         assert not raw.exists(_join(root, "4", COMMIT_SUCCESS_FILE))
         assert ckpt.all_temporary_paths(root) == []
+
+    # -- arrays: the tree format through the backend's kvstore_spec ------------------------------
+    def test_arrays_round_trip_through_kvstore_spec(
+        self, strategy: str, root: str, raw: _Raw
+    ) -> None:
+        import numpy as np
+
+        tree: dict[str, Any] = {
+            "w": np.arange(3 * 1024, dtype=np.float32).reshape(96, 32),
+            "b": np.ones(7, np.int8),
+            "nested": {"empty": np.zeros((0, 4), np.float64), "step": 3},
+        }
+        ckptr = ckpt.Checkpointer(strategy)
+        ckptr.save(_join(root, "3"), tree)
+        restored = ckptr.restore(_join(root, "3"))
+        for key in ("w", "b"):
+            np.testing.assert_array_equal(restored[key], tree[key])
+            assert restored[key].dtype == tree[key].dtype
+        assert restored["nested"]["empty"].shape == (0, 4)
+        assert restored["nested"]["step"] == 3
+        content = _sync.run(ckpt.content_path(ckpt.get_backend(root), ckpt.registry.to_path(
+            _join(root, "3")), atomicity=strategy))
+        assert raw.exists(str(content / "_TREE.json"))  # out of band: written to the store
+        assert ckpt.all_temporary_paths(root, atomicity=strategy) == []
+
+    # -- forced replace: exactly one of old or new stays committed ---------------------------------
+    def test_forced_replace_fails_at_any_call_keeps_one_committed(
+        self, strategy: str, root: str, backend: ckpt.Backend
+    ) -> None:
+        inner = backend.bind(ckpt.registry.to_path(root))
+        counting = _FailNth(inner, 0)
+        ckpt.Checkpointer(strategy).save(_join(root, "0"), {"v": 1})
+        ckpt.Checkpointer(strategy, backend=counting).save(_join(root, "0"), {"v": 2}, force=True)
+        assert ckpt.Checkpointer(strategy).restore(_join(root, "0")) == {"v": 2}
+        assert counting.calls > 0, "no storage call after the tree was written?"
+        for n in range(1, counting.calls + 1):
+            final = _join(root, str(n))
+            ckpt.Checkpointer(strategy).save(final, {"v": 1})
+            failing = _FailNth(inner, n)
+            try:
+                ckpt.Checkpointer(strategy, backend=failing).save(final, {"v": 2}, force=True)
+                outcome = {2}
+            except ckpt.CommitNotDurableError:
+                outcome = {2}
+            except OSError:
+                outcome = {1, 2}
+            got = ckpt.Checkpointer(strategy).restore(final)["v"]
+            assert got in outcome, f"call {n} ({failing.failed}): restored {got}"
+            ckpt.cleanup_temporary_paths(root, atomicity=strategy)
+            assert ckpt.Checkpointer(strategy).restore(final)["v"] == got, f"call {n}"
+            assert ckpt.all_temporary_paths(root, atomicity=strategy) == []
+        steps = ckpt.checkpoint_steps(root, atomicity=strategy)
+        assert steps == list(range(counting.calls + 1))
 
     # -- symlinks --------------------------------------------------------------------------------
     def test_symlinks_are_never_temporary(self, root: str, backend: ckpt.Backend) -> None:
@@ -341,6 +404,28 @@ class BackendConformance(IntegrityConformance):
         assert json.loads(data)["final_path"] == _join(root, "1")
         back = ckpt.ReadOnlyTemporaryPath.from_bytes(data)
         assert str(back.get()) == str(tmp.get()) and str(back.get_final()) == str(tmp.get_final())
+
+
+class _FailNth(InstrumentedBackend):
+    """Fails the ``n``-th storage call made after the tree file is written (the commit),
+    once, with ``OSError(5)``; counts those calls in :attr:`calls`."""
+
+    def __init__(self, inner: ckpt.Backend, n: int) -> None:
+        super().__init__(inner)
+        self.n = n
+        self.calls = 0
+        self.armed = False
+        self.failed = ""
+
+    async def hook(self, op: str, path: Any) -> None:
+        await super().hook(op, path)
+        if self.armed:
+            self.calls += 1
+            if self.calls == self.n:
+                self.failed = f"{op}:{path.name}"
+                raise OSError(5, "injected I/O error", str(path))
+        if op == "write_bytes" and path.name == "_TREE.json":
+            self.armed = True
 
 
 class _Raw:

@@ -5,9 +5,13 @@ is not, and never loses one that was. See the documentation in ``docs/``.
 """
 
 from ckpt.backend import Backend, Capabilities, Entry
+from ckpt.cleanup import all_temporary_paths, cleanup_temporary_paths
+from ckpt.committed import content_path, delete_checkpoint
+from ckpt.discovery import PathState, is_path_finalized, is_path_temporary, path_state
 from ckpt.errors import (
     BackendNotInstalledError,
     CommitConflictError,
+    CommitNotDurableError,
     ConfigError,
     CorruptCheckpointError,
     InvalidPathError,
@@ -42,21 +46,7 @@ from ckpt.step import (
     step_from_checkpoint_name,
 )
 from ckpt.step_metadata import StepMetadata
-from ckpt.temporary_path import (
-    FileOptions,
-    ReadOnlyTemporaryPath,
-    TemporaryPath,
-    content_path,
-    delete_checkpoint,
-)
-from ckpt.temporary_paths import (
-    PathState,
-    all_temporary_paths,
-    cleanup_temporary_paths,
-    is_path_finalized,
-    is_path_temporary,
-    path_state,
-)
+from ckpt.strategy import FileOptions, ReadOnlyTemporaryPath, Scan, TemporaryPath
 
 __version__ = "0.1.0"
 
@@ -69,6 +59,7 @@ __all__ = [
     "BackendNotInstalledError",
     "Capabilities",
     "CommitConflictError",
+    "CommitNotDurableError",
     "ConfigError",
     "CorruptCheckpointError",
     "Entry",
@@ -78,6 +69,7 @@ __all__ = [
     "NameFormat",
     "PathState",
     "ReadOnlyTemporaryPath",
+    "Scan",
     "StepMetadata",
     "TemporaryPath",
     "UnknownStrategyError",

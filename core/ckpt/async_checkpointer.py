@@ -34,8 +34,9 @@ from ckpt import _exit, tree_format
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.checkpointer import Checkpointer, SaveRequest, write_and_commit
+from ckpt.errors import CommitNotDurableError
 from ckpt.step_metadata import StepMetadata
-from ckpt.temporary_path import FileOptions
+from ckpt.strategy import FileOptions
 
 __all__ = ["AsyncCheckpointer"]
 
@@ -155,6 +156,12 @@ class AsyncCheckpointer(Checkpointer):
 
         try:
             run_sync(bounded())
+        except CommitNotDurableError as exc:
+            request.prepared = None
+            logger.error("Background save of %s: %s", request.final, exc)
+            if on_commit is not None:  # committed: the step exists
+                on_commit()
+            raise
         except BaseException as exc:
             request.prepared = None  # free the snapshot (host or device memory) now
             logger.error("Background save of %s failed: %r", request.final, exc, exc_info=True)

@@ -28,6 +28,8 @@ class Capabilities:
     Attributes:
         atomic_dir_rename: a directory can be renamed atomically, without replacing an
             existing destination.
+        atomic_dir_exchange: two directories can swap names in one atomic step
+            (``renameat2(RENAME_EXCHANGE)`` on Linux); see :meth:`Backend.exchange_dirs`.
         conditional_put: a small object can be created only if absent (exactly one of
             several racing creators succeeds).
         snapshot: a cheap copy of a tree (copy-on-write, server-side copy).
@@ -38,6 +40,7 @@ class Capabilities:
     """
 
     atomic_dir_rename: bool = False
+    atomic_dir_exchange: bool = False
     conditional_put: bool = False
     snapshot: bool = False
     symlinks: bool = False
@@ -76,8 +79,9 @@ class Backend(abc.ABC):
     #: Distribution that provides the backend (shown by ``ckpt backends``).
     package: str = ""
     capabilities: Capabilities = Capabilities()
-    #: The strategy ``atomicity = "auto"`` resolves to on this backend.
-    default_strategy: str = "commit_file"
+    #: The strategy ``atomicity = "auto"`` resolves to on this backend (every backend
+    #: names one of the strategies it supports).
+    default_strategy: str = ""
     #: True on stores without folders where a name appears in a listing only once an object
     #: is written under it. ``commit_file`` writes nothing under the final name before its
     #: marker, so there a final name in a listing *is* the commit evidence (one LIST, no
@@ -164,6 +168,12 @@ class Backend(abc.ABC):
         """Atomically rename directory ``src`` to ``dst``; ``FileExistsError`` if ``dst``
         exists (it is never replaced). Only with ``atomic_dir_rename``."""
         raise NotImplementedError(f"{self.describe()} cannot rename directories atomically.")
+
+    async def exchange_dirs(self, a: UPath, b: UPath) -> None:
+        """Swap the names of the existing directories ``a`` and ``b`` in one atomic step.
+        Only with ``atomic_dir_exchange``; ``NotImplementedError`` where the store (or, at
+        run time, the filesystem) cannot, so that callers can fall back."""
+        raise NotImplementedError(f"{self.describe()} cannot exchange directories atomically.")
 
     async def sync_tree(self, path: UPath) -> None:
         """Make everything under ``path`` durable (fsync files, then directories).

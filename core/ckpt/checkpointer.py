@@ -7,10 +7,9 @@ discovery function (ckpt's and Orbax's) skips.
 
 ``force=True`` replaces an existing checkpoint. Unlike Orbax, which deletes the old
 checkpoint before writing the new one, ckpt writes the new checkpoint completely first and
-deletes the old one only immediately before the commit. A failure while writing (the long
-part: storage errors, a full disk, a crash) leaves the old checkpoint intact; only a
-process death in the short window between that deletion and the commit loses both (the
-new data then sits in a temporary directory that cleanup removes).
+lets the strategy replace the old one in its commit (see
+:meth:`ckpt.TemporaryPath.finalize`): the old checkpoint stays committed and readable until
+the new one is, and a failure or a crash at any point leaves exactly one of them committed.
 """
 
 from __future__ import annotations
@@ -26,23 +25,18 @@ from typing import Any, Self
 
 from upath import UPath
 
-from ckpt import _progress, _timing, multihost, tree_format
+from ckpt import _progress, _tasks, _timing, multihost, tree_format
 from ckpt._storage_errors import translate
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
-from ckpt.errors import CommitConflictError, CorruptCheckpointError
+from ckpt.committed import owner
+from ckpt.discovery import PathState, path_state_async
+from ckpt.errors import CommitNotDurableError, CorruptCheckpointError
 from ckpt.manifest import MANIFEST_FILE, Manifest
 from ckpt.paths import to_path
 from ckpt.registry import Resolution, resolve
 from ckpt.step_metadata import MAX_METADATA_BYTES, StepMetadata, read_step_metadata
-from ckpt.temporary_path import (
-    FileOptions,
-    ReadOnlyTemporaryPath,
-    TemporaryPath,
-    content_path,
-    delete_checkpoint,
-)
-from ckpt.temporary_paths import PathState, path_state_async
+from ckpt.strategy import FileOptions, ReadOnlyTemporaryPath, TemporaryPath
 
 __all__ = ["ITEM_HANDLERS", "Checkpointer"]
 
@@ -94,8 +88,6 @@ class SaveRequest:
     #: The phase in progress: ``blocking``, ``directory_creation``, ``write``, ``commit``,
     #: ``committed``.
     phase: str = "blocking"
-    #: True once ``force`` has deleted the checkpoint that was at ``final``.
-    replaced_old: bool = False
     #: Progress callback for the array writes (synchronous saves on a terminal).
     progress: _progress.ProgressCallback | None = None
     #: The coordinated operation of a multi-process save (:mod:`ckpt.multihost`), else None.
@@ -111,9 +103,14 @@ async def _discard_after_failure(request: SaveRequest, exc: BaseException) -> No
     tmp, final, backend = request.tmp, request.final, request.backend
     if request.phase == "directory_creation" and isinstance(exc, FileExistsError):
         return  # create() refused: the temporary path was not made by this writer.
+    if isinstance(exc, CommitNotDurableError):
+        return  # committed: this writer's data is the checkpoint
     if request.phase in ("commit", "committed"):
         try:
-            if await content_path(backend, final) == tmp.get():
+            strategy = request.resolution.strategy
+            if not await backend.exists(tmp.get()):
+                return  # nothing of this writer's is left to remove
+            if (await owner(backend, final, strategy))[1] == tmp.get():
                 logger.warning(
                     "Save of %s failed after its commit (%r); the checkpoint is committed.",
                     final,
@@ -128,14 +125,6 @@ async def _discard_after_failure(request: SaveRequest, exc: BaseException) -> No
                 tmp.get(),
             )
             return
-    if request.replaced_old and not isinstance(exc, CommitConflictError):
-        # The old checkpoint is gone and this data is the only complete copy: keep it.
-        exc.add_note(
-            f"force=True had already deleted the previous checkpoint at {final}; the new, "
-            f"complete but uncommitted data was kept at {tmp.get()} (temporary: the next "
-            "cleanup removes it)."
-        )
-        return
     try:
         await asyncio.wait_for(tmp.discard(), _DISCARD_TIMEOUT_SECS)
     except Exception as discard_exc:
@@ -148,8 +137,9 @@ async def _discard_after_failure(request: SaveRequest, exc: BaseException) -> No
 
 
 async def write_and_commit(request: SaveRequest) -> None:
-    """Create the temporary path, write the tree, (with ``force``) delete the old
-    checkpoint, commit. On failure, discard this writer's temporary data and re-raise.
+    """Create the temporary path, write the tree, commit (with ``force``, replacing the
+    old checkpoint). On failure, wait for every outstanding write, discard this writer's
+    temporary data and re-raise.
 
     In a multi-process job (see :mod:`ckpt.multihost`) this is
     :func:`_write_and_commit_multiprocess`: the same call on every process."""
@@ -168,12 +158,15 @@ async def write_and_commit(request: SaveRequest) -> None:
         with _timing.timed("write", path=final):
             assert request.prepared is not None, "a save request is written only once"
             # The strategy stores the manifest (with the step metadata) at finalize.
-            tmp.manifest = await tree_format.write(
-                backend,
-                tmp.get(),
-                request.prepared,
-                progress=request.progress,
-                store_manifest=False,
+            tmp.manifest = await _tasks.settled(
+                tree_format.write(
+                    backend,
+                    tmp.get(),
+                    request.prepared,
+                    progress=request.progress,
+                    store_manifest=False,
+                ),
+                timeout=_DISCARD_TIMEOUT_SECS,
             )
             if mode is not None:  # the directories tensorstore made, before the commit
                 await backend.apply_dir_mode(tmp.get(), mode)
@@ -190,15 +183,18 @@ async def write_and_commit(request: SaveRequest) -> None:
 
 
 async def _commit(request: SaveRequest) -> None:
-    """(With ``force``) delete the old checkpoint, then commit the written temporary."""
-    tmp, final, backend = request.tmp, request.final, request.backend
+    """Commit the written temporary (with ``force``, the strategy replaces the old
+    checkpoint atomically)."""
     request.phase = "commit"
-    with _timing.timed("commit", path=final):
-        if request.force and await backend.exists(final):
-            logger.info("force=True: deleting the existing checkpoint %s", final)
-            request.replaced_old = True
-            await delete_checkpoint(backend, final)
-        await tmp.finalize()
+    with _timing.timed("commit", path=request.final):
+        if request.force and await request.backend.is_link(request.final):
+            # A symlink is never a checkpoint: replace the link, never what it points to.
+            await request.backend.remove_file(request.final)
+        try:
+            await request.tmp.finalize()
+        except CommitNotDurableError:
+            request.phase = "committed"
+            raise
     request.phase = "committed"
 
 
@@ -254,10 +250,18 @@ async def _write_and_commit_multiprocess(request: SaveRequest, op: Any) -> None:
     error: BaseException | None = None
     written = Manifest()
     try:
-        written = await tree_format.write(
-            backend, where, request.prepared, progress=request.progress,
-            store_manifest=False, primary=primary,
+        written = await _tasks.settled(
+            tree_format.write(
+                backend,
+                where,
+                request.prepared,
+                progress=request.progress,
+                store_manifest=False,
+                primary=primary,
+            ),
+            timeout=_DISCARD_TIMEOUT_SECS,
         )
+
     except Exception as exc:
         error = exc
     await asyncio.to_thread(
@@ -309,7 +313,7 @@ async def occupied(resolution: Resolution, final: UPath) -> PathState | None:
     if not await backend.exists(final):
         return None
     state = await path_state_async(final, resolution.strategy, backend)
-    if state is PathState.UNKNOWN and not await backend.list_dir(final):
+    if state is not PathState.FINALIZED and not await backend.list_dir(final):
         return None
     return state
 
@@ -395,7 +399,7 @@ async def committed_content(resolution: Resolution, final: UPath) -> UPath:
             f"Found incomplete checkpoint at {final}: its state is '{state}' under the "
             f"'{resolution.name}' strategy; {why}."
         )
-    return await content_path(backend, final)
+    return (await owner(backend, final, resolution.strategy))[1]
 
 
 class Checkpointer:
@@ -519,6 +523,8 @@ class Checkpointer:
                 (read-only file system), ``PermissionError``, ``FileNotFoundError``;
                 the message names the path, the backend and the fix. The temporary data
                 is removed; existing checkpoints are untouched.
+            ckpt.CommitNotDurableError: the checkpoint was committed but the commit could
+                not be made durable (see its message).
         """
         self._save(path, tree, force=force, custom_metadata=custom_metadata)
 
@@ -541,6 +547,10 @@ class Checkpointer:
             with _progress.byte_progress(f"saving {request.final}", show) as bar:
                 request.progress = bar
                 run_sync(write_and_commit(request))
+        except CommitNotDurableError:
+            if on_commit is not None:  # committed: the step exists
+                on_commit()
+            raise
         except BaseException as exc:
             if on_failure is not None:
                 on_failure(exc)

@@ -20,12 +20,12 @@ from rich.table import Table
 
 from ckpt import _progress, _sync, config, registry
 from ckpt.backend import Backend
-from ckpt.layout import WRITERS_DIR, is_temporary_name
+from ckpt.cleanup import all_temporary_paths_async, remove_temporaries, repair_async
+from ckpt.committed import owner
+from ckpt.discovery import PathState, path_state_async, scan_root
 from ckpt.paths import to_path
 from ckpt.plugins import manager as plugin_manager
 from ckpt.step_metadata import read_step_metadata
-from ckpt.temporary_path import content_path
-from ckpt.temporary_paths import PathState, all_temporary_paths_async, path_state_async
 
 app = typer.Typer(
     help="ckpt: atomic checkpoints on any storage.", no_args_is_help=True, add_completion=False
@@ -155,10 +155,8 @@ def _when(ns: int | None) -> str:
 
 
 # -- ls ---------------------------------------------------------------------------------------
-def _is_step_or_temporary(name: str) -> bool:
-    """A step name of the standard formats (``N``, ``<prefix>_N``) or a temporary's."""
-    if is_temporary_name(name):
-        return True
+def _is_step_name(name: str) -> bool:
+    """A step name of the standard formats (``N``, ``<prefix>_N``)."""
     return name.isdigit() or (
         "_" in name and name.rpartition("_")[2].isdigit() and bool(name.rpartition("_")[0])
     )
@@ -170,23 +168,24 @@ async def _describe_entries(
     """Rows of the steps and temporaries; names of the other directories."""
     backend: Backend = res.backend
     await _require_dir(backend, root)
-    listed = [
-        e
-        for e in await backend.list_dir(root)
-        if e.is_dir and not e.is_link and e.name != WRITERS_DIR
+    scan = await scan_root(root, backend, res.strategy)
+    named = [(n, PathState.FINALIZED) for n in scan.finalized] + [
+        (n, PathState.UNKNOWN) for n in scan.unknown
     ]
-    entries = [e for e in listed if _is_step_or_temporary(e.name)]
-    others = sorted(e.name for e in listed if not _is_step_or_temporary(e.name))
-    writers = [
-        t.get()
-        for t in await all_temporary_paths_async(root, backend)
-        if t.get().parent.name == WRITERS_DIR
+    rows: list[tuple[Any, str, PathState]] = [
+        (root / n, n, state) for n, state in named if _is_step_name(n)
     ]
+    others = sorted(n for n, _ in named if not _is_step_name(n))
+    prefix = str(root).rstrip("/") + "/"
+    for tmp in scan.temporary:  # what the strategies show, nested ones by relative path
+        rows.append((tmp.get(), str(tmp.get()).removeprefix(prefix), PathState.TEMPORARY))
 
-    async def one(path: Any, label: str) -> dict[str, Any]:
-        state = await path_state_async(path, res.strategy, backend)
+    async def one(path: Any, label: str, state: PathState) -> dict[str, Any]:
         row: dict[str, Any] = {"name": label, "state": state, "size": None, "commit": None}
-        where = await content_path(backend, path) if state == PathState.FINALIZED else path
+        if state == PathState.FINALIZED:
+            where = (await owner(backend, path, res.strategy))[1]
+        else:
+            where = path
         try:
             meta = await read_step_metadata(backend, where)
         except ValueError:
@@ -196,13 +195,7 @@ async def _describe_entries(
         row["size"] = await backend.tree_size(where)
         return row
 
-    rows = list(
-        await asyncio.gather(
-            *(one(root / e.name, e.name) for e in entries),
-            *(one(w, f"{WRITERS_DIR}/{w.name}") for w in writers),
-        )
-    )
-    return rows, others
+    return list(await asyncio.gather(*(one(*row) for row in rows))), others
 
 
 def _step_key(name: str) -> tuple[int, str]:
@@ -250,18 +243,24 @@ def ls(
 
 
 # -- gc ---------------------------------------------------------------------------------------
-async def _old_temporaries(root: Any, backend: Backend, older_than: float) -> tuple[list[Any], int]:
+async def _old_temporaries(
+    root: Any, backend: Backend, strategy: Any, older_than: float, *, repair: bool
+) -> tuple[list[Any], int]:
     """The temporaries under ``root`` older than ``older_than`` seconds by their newest
     modification time (by the creation time in their name where the store cannot tell);
-    and how many younger ones were spared."""
+    and how many younger ones were spared. With ``repair``, interrupted replaces are
+    repaired first (see :func:`ckpt.cleanup.repair_async`)."""
     await _require_dir(backend, root)
-    temps = await all_temporary_paths_async(root, backend)
+    entries = (await repair_async(root, backend, strategy))[0] if repair else None
+    temps = await all_temporary_paths_async(root, backend, strategy=strategy, entries=entries)
     if not older_than:
         return temps, 0
     cutoff = time.time_ns() - int(older_than * 1e9)
     by_name = {
         str(t.get())
-        for t in await all_temporary_paths_async(root, backend, created_before_ns=cutoff)
+        for t in await all_temporary_paths_async(
+            root, backend, strategy=strategy, created_before_ns=cutoff, entries=entries
+        )
     }
     stamps = await asyncio.gather(*(backend.modified_ns(t.get()) for t in temps))
     old = [
@@ -288,7 +287,9 @@ def gc(
     """Remove temporary checkpoints (never finalized or unknown directories, never symlinks)."""
     root = to_path(directory)
     res = registry.resolve(root)
-    temps, spared = _sync.run(_old_temporaries(root, res.backend, older_than))
+    temps, spared = _sync.run(
+        _old_temporaries(root, res.backend, res.strategy, older_than, repair=not dry_run)
+    )
     if spared:
         _io.out.print(
             f"sparing {spared} temporary checkpoint(s) modified in the last {older_than:g} s"
@@ -300,10 +301,7 @@ def gc(
         _io.out.print(f"{'would remove' if dry_run else 'removing'} {tmp.get()}")
     if not dry_run:
 
-        async def remove_all() -> None:
-            await asyncio.gather(*(res.backend.remove_tree(t.get()) for t in temps))
-
-        _sync.run(remove_all())
+        _sync.run(remove_temporaries(res.backend, temps))
         _io.out.print(f"removed {len(temps)} temporary checkpoint(s)")
 
 
@@ -339,7 +337,7 @@ def verify(
     if state != PathState.FINALIZED:
         _io.err.print(f"[red]{final} is {state.value}, not a committed checkpoint[/]")
         raise typer.Exit(1)
-    where = _sync.run(content_path(res.backend, final))
+    where = _sync.run(owner(res.backend, final, res.strategy))[1]
     try:
         manifest = _sync.run(read_manifest(res.backend, where))
     except ValueError as exc:
@@ -392,13 +390,8 @@ def verify(
 
 async def _holds_steps(path: Any, res: registry.Resolution) -> bool:
     """Whether ``path`` holds checkpoint steps or temporaries (a checkpoint root)."""
-    entries = await res.backend.list_dir(path)
-    names = [e for e in entries if e.is_dir and _is_step_or_temporary(e.name)]
-    if any(e.name == WRITERS_DIR for e in entries):
-        return True
-    return bool(await res.strategy.finalized_names(res.backend, path, names)) or any(
-        is_temporary_name(e.name) for e in names
-    )
+    scan = await scan_root(path, res.backend, res.strategy)
+    return bool(scan.temporary) or any(_is_step_name(n) for n in scan.finalized)
 
 
 # -- backends ---------------------------------------------------------------------------------

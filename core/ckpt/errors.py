@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "BackendNotInstalledError",
     "CommitConflictError",
+    "CommitNotDurableError",
     "ConfigError",
     "CorruptCheckpointError",
     "InvalidPathError",
@@ -27,6 +28,12 @@ class CommitConflictError(FileExistsError):
 
     The other writer's checkpoint is intact; this writer's data was discarded.
     """
+
+
+class CommitNotDurableError(OSError):
+    """The checkpoint was committed (it is visible and complete at its final path), but
+    making the commit durable failed (e.g. the fsync of its parent directory): after a
+    power loss it might be missing. The checkpoint is known as committed."""
 
 
 class UnknownStrategyError(ValueError):

@@ -1,4 +1,5 @@
-"""Names on storage: the Orbax-compatible on-disk layout of checkpoints.
+"""Names on storage shared by every layout: Orbax's names (temporary suffix, commit
+marker, step metadata) and writer tokens. Each strategy's own names live with it.
 
 Pure functions on names; no I/O. See docs/layout.md.
 """
@@ -13,28 +14,28 @@ __all__ = [
     "COMMIT_SUCCESS_FILE",
     "METADATA_FILE",
     "TMP_DIR_SUFFIX",
-    "WRITERS_DIR",
-    "WRITER_DIR_INFIX",
+    "check_safe_name",
+    "commit_marker_text",
+    "final_name_of",
+    "is_commit_marker",
+    "is_temporary_name",
+    "temporary_name",
+    "unique_token",
 ]
 
 #: Suffix that marks a temporary checkpoint directory (Orbax detects it by substring).
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 #: Commit marker file (Orbax's name).
 COMMIT_SUCCESS_FILE = "commit_success.txt"
+#: Names holding this are ckpt's internal names (a strategy's writer or set-aside
+#: directories): never a step name or step prefix.
+RESERVED_INFIX = ".ckpt-"
 #: Step metadata JSON file (Orbax's name).
 METADATA_FILE = "_CHECKPOINT_METADATA"
-#: Infix of the writer-unique directory holding one writer's files under ``commit_file``:
-#: ``<root>/.ckpt-writers/<final name>.ckpt-writer-<token>``.
-WRITER_DIR_INFIX = ".ckpt-writer-"
-#: The one directory under a checkpoint root that holds ``commit_file`` writer directories
-#: (one entry in the root's listing however many checkpoints there are).
-WRITERS_DIR = ".ckpt-writers"
-
 _COMMIT_TEXT = "Checkpoint commit was successful to {final}"
-_WRITER_LINE = "ckpt-writer: "
 
 
-def unique_token() -> str:  # "<time_ns>-<pid>-<12 hex>": parsed by temporary_paths
+def unique_token() -> str:  # "<time_ns>-<pid>-<12 hex>": parsed by strategy.token_created_ns
     """A token unique to one writer: wall time, process id and 48 random bits."""
     return f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
@@ -57,49 +58,14 @@ def final_name_of(temporary_name: str) -> str:
     return temporary_name[:index]
 
 
-def writer_dir_name(final_name: str, token: str | None = None) -> str:
-    """The name of a writer-unique directory for ``final_name`` (inside :data:`WRITERS_DIR`)."""
-    return f"{final_name}{WRITER_DIR_INFIX}{token or unique_token()}"
+def commit_marker_text(final: str) -> str:
+    """Text of ``commit_success.txt`` (Orbax's). A strategy may append lines of its own."""
+    return _COMMIT_TEXT.format(final=final)
 
 
-def is_writer_dir_name(name: str) -> bool:
-    return WRITER_DIR_INFIX in name and not is_temporary_name(name)
-
-
-def final_name_of_writer(name: str) -> str:
-    """The final name a writer directory belongs to."""
-    index = name.find(WRITER_DIR_INFIX)
-    if index <= 0:
-        raise ValueError(f"Expected {name!r} to contain {WRITER_DIR_INFIX!r}.")
-    return name[:index]
-
-
-def commit_marker_text(final: str, writer_dir: str | None = None) -> str:
-    """Text of ``commit_success.txt``; names the winning writer directory if there is one."""
-    text = _COMMIT_TEXT.format(final=final)
-    if writer_dir:
-        text += f"\n{_WRITER_LINE}{WRITERS_DIR}/{writer_dir}\n"
-    return text
-
-
-def writer_dir_from_marker(text: str, final_name: str) -> str | None:
-    """The name of the writer directory the commit marker of ``final_name`` names, or None
-    (Orbax's marker names none). Refuses anything but a writer directory of ``final_name``
-    inside :data:`WRITERS_DIR`."""
-    for line in text.splitlines():
-        if line.startswith(_WRITER_LINE):
-            relative = line[len(_WRITER_LINE) :].strip()
-            head, _, name = relative.partition("/")
-            if (
-                head == WRITERS_DIR
-                and name.startswith(final_name + WRITER_DIR_INFIX)
-                and "/" not in name
-                and "\\" not in name
-                and ".." not in name
-            ):
-                return name
-            raise ValueError(f"Malformed commit marker of {final_name!r}: writer {name!r}.")
-    return None
+def is_commit_marker(text: str) -> bool:
+    """True if ``text`` is a complete commit marker (an empty or foreign file is not)."""
+    return text.startswith(_COMMIT_TEXT.split("{", 1)[0])
 
 
 def check_safe_name(name: str, what: str = "name") -> str:

@@ -32,6 +32,8 @@ from ckpt._sync import run as run_sync
 from ckpt.async_checkpointer import AsyncCheckpointer
 from ckpt.backend import Backend
 from ckpt.checkpointer import Checkpointer
+from ckpt.cleanup import all_temporary_paths_async, remove_temporaries, repair_async
+from ckpt.committed import delete_with
 from ckpt.paths import to_path
 from ckpt.registry import resolve
 from ckpt.step import (
@@ -42,8 +44,7 @@ from ckpt.step import (
     standard_name_format,
 )
 from ckpt.step_metadata import StepMetadata
-from ckpt.temporary_path import FileOptions, delete_checkpoint
-from ckpt.temporary_paths import cleanup_temporary_paths_async
+from ckpt.strategy import FileOptions
 
 __all__ = ["CheckpointManager"]
 
@@ -162,12 +163,31 @@ class CheckpointManager:
 
     # -- background work -------------------------------------------------------------------
     def _cleanup_temporaries(self) -> None:
+        strategy = self._resolution.strategy
         try:
-            removed = run_sync(
-                cleanup_temporary_paths_async(
-                    self.directory, self._backend, created_before_ns=self._start_ns
+            # First repair what an interrupted commit or replace left (the strategies'
+            # own recovery), and learn the steps that brings back.
+            entries, repaired = run_sync(repair_async(self.directory, self._backend, strategy))
+            if repaired:
+                names = {p.name for p in repaired}
+                back = {
+                    m.step: m.path
+                    for m in self._name_format.find_all(self.directory)
+                    if m.name in names
+                }
+                with self._lock:
+                    for step, path in back.items():
+                        self._steps.setdefault(step, path)
+            temps = run_sync(
+                all_temporary_paths_async(
+                    self.directory,
+                    self._backend,
+                    strategy=strategy,
+                    created_before_ns=self._start_ns,
+                    entries=entries,
                 )
             )
+            removed = run_sync(remove_temporaries(self._backend, temps))
         except Exception as exc:  # cleanup is best effort; the next manager retries
             logger.warning("Cleanup of temporary checkpoints in %s failed: %r", self.directory, exc)
             return
@@ -187,7 +207,7 @@ class CheckpointManager:
                     )
                     continue
                 logger.info("Deleting step %d (%s): beyond max_to_keep.", step, path)
-                run_sync(delete_checkpoint(self._backend, path))
+                run_sync(delete_with(self._backend, path, self._resolution.strategy))
             except Exception as exc:  # keep it known; the next save retries
                 logger.warning("Could not delete old step %d (%s): %r", step, path, exc)
                 with self._lock:
@@ -370,7 +390,7 @@ class CheckpointManager:
             else None
         )
         if op is None or self._coordinator.is_primary:
-            run_sync(delete_checkpoint(self._backend, path))
+            run_sync(delete_with(self._backend, path, self._resolution.strategy))
         if op is not None:
             op.barrier("deleted")  # every process returns once the step is gone
         with self._lock:

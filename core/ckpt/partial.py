@@ -25,14 +25,15 @@ pieces are untouched. Piece names sort in creation order, which is the merge ord
 :func:`finalize` reads the pieces' tree metadata (small JSON files), merges them and checks
 for collisions before writing anything, then commits ``<path>`` through the strategy:
 
-- ``rename`` (stores with atomic directory rename): the session directory itself becomes
-  the checkpoint. The merged ``_TREE.json`` (whose array paths point into the pieces,
-  e.g. ``piece-.../arrays/0``) and ``_CHECKPOINT_METADATA`` are written at its top, and the
-  strategy renames it to ``<path>``. No array data is copied.
-- any other strategy (e.g. ``commit_file`` on object stores without rename): a new
-  checkpoint is written at ``<path>``'s temporary location, each piece's data copied into
-  a ``piece-...`` subdirectory of it (one piece in memory at a time), then committed by
-  the strategy; the session directory is removed after the commit.
+- a strategy that can commit an existing directory in place
+  (:meth:`ckpt.TemporaryPath.adopt`, e.g. ``rename``): the session directory itself
+  becomes the checkpoint. The merged ``_TREE.json`` (whose array paths point into the
+  pieces, e.g. ``piece-.../arrays/0``) is written at its top and the strategy commits it
+  as ``<path>``. No array data is copied.
+- any other strategy (e.g. ``commit_file``): a new checkpoint is written at ``<path>``'s
+  temporary location, each piece's data copied into a ``piece-...`` subdirectory of it
+  (one piece in memory at a time), then committed by the strategy; the session directory
+  is removed after the commit.
 
 A failing commit leaves the session directory and its pieces intact, so ``finalize`` can
 be retried. Wait for every :func:`save_async` handle before calling :func:`finalize`.
@@ -57,13 +58,14 @@ from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.checkpointer import ITEM_HANDLERS, check_custom_metadata, occupied, write_and_commit
 from ckpt.checkpointer import SaveRequest as _SaveRequest
-from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE, unique_token
+from ckpt.cleanup import cleanup_temporary_paths_async
+from ckpt.committed import owner
+from ckpt.layout import unique_token
 from ckpt.manifest import MANIFEST_FILE, Manifest, read_manifest
 from ckpt.paths import to_path
 from ckpt.registry import Resolution, resolve
 from ckpt.step_metadata import StepMetadata, read_step_metadata
-from ckpt.temporary_path import TemporaryPath, content_path
-from ckpt.temporary_paths import cleanup_temporary_paths_async
+from ckpt.strategy import TemporaryPath
 
 __all__ = [
     "PARTIAL_SAVE_SUFFIX",
@@ -290,7 +292,7 @@ async def _committed_pieces(resolution: Resolution, session: UPath) -> list[_Pie
     names = sorted(await resolution.strategy.finalized_names(backend, session, candidates))
 
     async def load(name: str) -> _Piece:
-        content = await content_path(backend, session / name)
+        _, content = await owner(backend, session / name, resolution.strategy)
         doc = await tree_format.tree_metadata(backend, content)
         meta = await read_step_metadata(backend, content) or StepMetadata()
         return _Piece(name, content, doc, meta)
@@ -332,33 +334,41 @@ def _encode(doc: dict[str, Any]) -> bytes:
 
 
 async def _commit_session_in_place(
-    resolution: Resolution, final: UPath, session: UPath, pieces: list[_Piece]
+    resolution: Resolution,
+    final: UPath,
+    session: UPath,
+    pieces: list[_Piece],
+    adopted: TemporaryPath,
 ) -> None:
-    """``rename``: the session directory becomes the checkpoint (no data copied)."""
+    """The strategy commits the session directory itself as the checkpoint (no copy)."""
     backend = resolution.backend
     # Temporaries of interrupted piece saves would end up inside the checkpoint.
-    await cleanup_temporary_paths_async(session, backend)
+    await cleanup_temporary_paths_async(session, backend, strategy=resolution.strategy)
     doc = _merge_docs([(p.name, p.content.name, p.doc) for p in pieces])
     manifest = await _merged_manifest(backend, [(p.content, p.content.name) for p in pieces])
-    strategy: type[TemporaryPath] = resolution.strategy
 
-    class _SessionCommit(strategy):  # type: ignore[misc, valid-type]
+    class _SessionCommit(type(adopted)):  # type: ignore[misc]
         async def discard(self) -> None:
             """A failed commit must keep the session (and its pieces) for a retry."""
 
-    tmp = _SessionCommit(session, final, backend=backend)
-    tmp.metadata = _merge_metadata(pieces)
-    tmp.metadata.init_timestamp_nsecs = tmp.metadata.init_timestamp_nsecs or time.time_ns()
-    tmp.manifest = await _write_merged_tree(backend, session, doc, manifest)
+    adopted.__class__ = _SessionCommit
+    adopted.metadata = _merge_metadata(pieces)
+    adopted.metadata.init_timestamp_nsecs = (
+        adopted.metadata.init_timestamp_nsecs or time.time_ns()
+    )
+    before = {e.name for e in await backend.list_dir(session) if not e.is_dir}
+    adopted.manifest = await _write_merged_tree(backend, session, doc, manifest)
     try:
-        await tmp.finalize()
+        await adopted.finalize()
     except BaseException:
-        if await backend.exists(session):  # not renamed: restore the session as it was
-            for name in (tree_format.TREE_FILE, METADATA_FILE, COMMIT_SUCCESS_FILE, MANIFEST_FILE):
+        if await backend.exists(session):  # not committed: restore the session as it was
+            for entry in await backend.list_dir(session):
+                if entry.is_dir or entry.name in before:
+                    continue
                 try:
-                    await backend.remove_file(session / name)
+                    await backend.remove_file(session / entry.name)
                 except Exception as exc:
-                    logger.warning("Could not remove %s: %r", session / name, exc)
+                    logger.warning("Could not remove %s: %r", session / entry.name, exc)
         raise
 
 
@@ -392,7 +402,7 @@ async def _commit_copy(
         await tmp.finalize()
     except BaseException:
         try:
-            committed = await content_path(backend, final) == tmp.get()
+            committed = (await owner(backend, final, resolution.strategy))[1] == tmp.get()
         except Exception:
             committed = True  # cannot tell: leave the temporary for cleanup
         if not committed:
@@ -460,8 +470,9 @@ def _finalize_here(final: UPath, session: UPath, resolution: Resolution) -> None
             )
         _merge_docs([(p.name, p.content.name, p.doc) for p in pieces])  # collisions first
         logger.info("Finalizing %s from %d partial saves.", final, len(pieces))
-        if resolution.name == "rename":
-            await _commit_session_in_place(resolution, final, session, pieces)
+        adopted = resolution.strategy.adopt(session, final, backend=backend)
+        if adopted is not None:
+            await _commit_session_in_place(resolution, final, session, pieces, adopted)
         else:
             await _commit_copy(resolution, final, session, pieces)
 

@@ -44,8 +44,7 @@ def split_scheme(text: str) -> tuple[str, str] | None:
 
 def _known_schemes() -> set[str]:
     """Schemes that name a storage backend: installed ones and well-known ones."""
-    from ckpt.plugins import manager
-    from ckpt.registry import KNOWN_BACKEND_PACKAGES
+    from ckpt.plugins import KNOWN_BACKEND_PACKAGES, manager
 
     return set(manager.registry().backends) | set(KNOWN_BACKEND_PACKAGES) | set(LOCAL_SCHEMES)
 
@@ -141,7 +140,7 @@ def to_path(location: Any) -> UPath:
             try:
                 return UPath(url)
             except ValueError as exc:  # upath: "Unsupported filesystem"
-                from ckpt.registry import backend_not_installed
+                from ckpt.plugins import backend_not_installed
 
                 raise backend_not_installed(scheme, text) from exc
         if scheme in _known_schemes():

@@ -22,6 +22,7 @@ from typing import Any
 import pluggy
 
 from ckpt import hookspecs
+from ckpt.errors import BackendNotInstalledError
 
 logger = logging.getLogger(__name__)
 
@@ -151,3 +152,31 @@ manager = _Manager()
 
 #: Decorator for hook implementations in plugins.
 hookimpl = hookspecs.hookimpl
+
+
+#: Packages that provide backends for well-known schemes (for "not installed" errors).
+KNOWN_BACKEND_PACKAGES = {
+    "s3": "ckpt-backend-s3",
+    "s3a": "ckpt-backend-s3",
+    "gs": "ckpt-backend-gcs",
+    "gcs": "ckpt-backend-gcs",
+    "az": "ckpt-backend-azure",
+    "abfs": "ckpt-backend-azure",
+}
+
+
+def backend_not_installed(scheme: str, location: Any) -> BackendNotInstalledError:
+    """The error for a path whose scheme no installed backend serves."""
+    registry = manager.registry()
+    package = KNOWN_BACKEND_PACKAGES.get(scheme)
+    hint = (
+        f"Install it with `pip install {package}`."
+        if package
+        else "Install a ckpt backend plugin that serves this scheme."
+    )
+    failed = [f for f in registry.failures if package and package in f.name]
+    extra = f" (the installed plugin failed to load: {failed[0].error})" if failed else ""
+    return BackendNotInstalledError(
+        f"No ckpt backend is installed for '{scheme}://' (path: {location}){extra}. {hint} "
+        f"Installed backends: {', '.join(sorted(registry.backends)) or 'none'}."
+    )

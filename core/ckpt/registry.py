@@ -1,101 +1,34 @@
-"""Looking up backends and strategies: by URL scheme and by the ``atomicity`` key."""
+"""Looking up strategies by the ``atomicity`` key, and resolving the configuration for a
+location once (backend, strategy, where the setting came from)."""
 
 from __future__ import annotations
 
 import difflib
-import json
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from upath import UPath
+from typing import Any
 
 from ckpt import config as config_lib
 from ckpt.backend import Backend
-from ckpt.errors import BackendNotInstalledError, UnknownStrategyError, UnsupportedStrategyError
-from ckpt.paths import split_scheme, to_path
+from ckpt.backend_registry import get_backend, list_backends, scheme_of
+from ckpt.errors import UnknownStrategyError, UnsupportedStrategyError
+from ckpt.paths import to_path
 from ckpt.plugins import manager
-
-if TYPE_CHECKING:
-    from ckpt.temporary_path import TemporaryPath
+from ckpt.strategy import TemporaryPath
 
 __all__ = [
     "BackendInfo",
-    "backend_not_installed",
+    "Resolution",
     "get_backend",
     "get_strategy",
     "list_backends",
     "list_strategies",
+    "resolve",
     "scheme_of",
+    "strategies_for",
     "strategy_for",
+    "supported_strategies",
+    "to_path",
 ]
-
-#: Packages that provide backends for well-known schemes (for "not installed" errors).
-KNOWN_BACKEND_PACKAGES = {
-    "s3": "ckpt-backend-s3",
-    "s3a": "ckpt-backend-s3",
-    "gs": "ckpt-backend-gcs",
-    "gcs": "ckpt-backend-gcs",
-    "az": "ckpt-backend-azure",
-    "abfs": "ckpt-backend-azure",
-}
-
-_LOCAL_ALIASES = {"", "file", "local", "posix"}
-
-
-def scheme_of(location: Any) -> str:
-    """The URL scheme of a path, lower-case (``"file"`` for plain local paths)."""
-    if isinstance(location, UPath):
-        protocol = location.protocol
-        if isinstance(protocol, tuple):
-            protocol = protocol[0]
-        return "file" if protocol in _LOCAL_ALIASES else str(protocol)
-    text = os.fspath(location)
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
-    parts = split_scheme(text)
-    if parts is not None and parts[1].startswith("//"):
-        return "file" if parts[0] in _LOCAL_ALIASES else parts[0]
-    return "file"
-
-
-def backend_not_installed(scheme: str, location: Any) -> BackendNotInstalledError:
-    """The error for a path whose scheme no installed backend serves."""
-    registry = manager.registry()
-    package = KNOWN_BACKEND_PACKAGES.get(scheme)
-    hint = (
-        f"Install it with `pip install {package}`."
-        if package
-        else "Install a ckpt backend plugin that serves this scheme."
-    )
-    failed = [f for f in registry.failures if package and package in f.name]
-    extra = f" (the installed plugin failed to load: {failed[0].error})" if failed else ""
-    return BackendNotInstalledError(
-        f"No ckpt backend is installed for '{scheme}://' (path: {location}){extra}. {hint} "
-        f"Installed backends: {', '.join(sorted(registry.backends)) or 'none'}."
-    )
-
-
-def get_backend(location: Any, *, config: config_lib.Config | None = None) -> Backend:
-    """The backend instance that serves ``location`` (a path, URL or UPath)."""
-    scheme = scheme_of(location)
-    registry = manager.registry()
-    backend_class = registry.backends.get(scheme)
-    if backend_class is None:
-        raise backend_not_installed(scheme, location)
-    config = config if config is not None else config_lib.load_config()
-    options = config.backend_options(scheme, backend_class.scheme)
-    key = (scheme, json.dumps(options, sort_keys=True, default=str))
-    backend = registry.instances.get(key)
-    if backend is None:
-        backend = backend_class(options)
-        registry.instances[key] = backend
-    return backend.bind(to_path(location))
-
-
-def list_backends() -> dict[str, type[Backend]]:
-    """Installed backends by scheme."""
-    return dict(sorted(manager.registry().backends.items()))
 
 
 def list_strategies() -> dict[str, type[TemporaryPath]]:
@@ -128,6 +61,20 @@ def supported_strategies(backend: Backend) -> list[str]:
     return backend.strategy_names_supported(list_strategies().items())
 
 
+def strategies_for(
+    backend: Backend, first: type[TemporaryPath] | None = None
+) -> list[type[TemporaryPath]]:
+    """The registered strategy classes ``backend`` can run, ``first`` (the configured one)
+    first. Discovery, cleanup and reads consult all of them, so that a root holding
+    checkpoints of several layouts is understood whatever the configured strategy is."""
+    found: list[type[TemporaryPath]] = [first] if first is not None else []
+    for name in supported_strategies(backend):
+        cls = get_strategy(name)
+        if cls not in found:
+            found.append(cls)
+    return found
+
+
 def strategy_for(
     location: Any, atomicity: str | None = None, *, backend: Backend | None = None
 ) -> type[TemporaryPath]:
@@ -148,6 +95,11 @@ class Resolution:
     source: str
     #: Whether restores check the CRC32C of every file (``verify_checksums``).
     verify_checksums: bool = False
+
+    @property
+    def strategies(self) -> list[type[TemporaryPath]]:
+        """Every strategy the backend runs, the configured one first."""
+        return strategies_for(self.backend, self.strategy)
 
 
 def resolve(
@@ -170,11 +122,17 @@ def resolve(
     if name == config_lib.AUTO:
         name = backend.default_strategy
         source = f"{source} (auto -> {backend.describe()} default)"
+        if not name:
+            raise UnknownStrategyError(
+                f"The {backend.describe()} backend declares no default strategy: set "
+                f"'atomicity' for {location}. Strategies that work here: "
+                f"{', '.join(supported_strategies(backend)) or 'none'}."
+            )
     strategy = get_strategy(name)
     registered = str(getattr(strategy, "name", ""))
     if registered.casefold() == name.casefold():
         name = registered  # the registered spelling: "Rename" -> "rename"
-    missing = [c for c in getattr(strategy, "requires", ()) if not backend.capabilities.has(c)]
+    missing = [c for c in strategy.requires if not backend.capabilities.has(c)]
     if missing:
         works = supported_strategies(backend)
         raise UnsupportedStrategyError(

@@ -16,17 +16,11 @@ from upath import UPath
 
 from ckpt import _sync
 from ckpt.backend import Entry
+from ckpt.cleanup import all_temporary_paths_async
 from ckpt.errors import UnsafePathError
-from ckpt.layout import (
-    TMP_DIR_SUFFIX,
-    WRITER_DIR_INFIX,
-    check_safe_name,
-    is_temporary_name,
-    is_writer_dir_name,
-)
+from ckpt.layout import RESERVED_INFIX, TMP_DIR_SUFFIX, check_safe_name, is_temporary_name
 from ckpt.paths import to_path
 from ckpt.registry import resolve
-from ckpt.temporary_paths import all_temporary_paths_async
 
 __all__ = [
     "Metadata",
@@ -118,11 +112,11 @@ class _StandardNameFormat:
     def __post_init__(self) -> None:
         if self.step_prefix is not None:
             check_safe_name(self.step_prefix, "step prefix")
-            if is_temporary_name(self.step_prefix) or WRITER_DIR_INFIX in self.step_prefix:
+            if is_temporary_name(self.step_prefix) or RESERVED_INFIX in self.step_prefix:
                 raise UnsafePathError(
                     f"Refusing step prefix {self.step_prefix!r}: names holding "
-                    f"{TMP_DIR_SUFFIX!r} or {WRITER_DIR_INFIX!r} are ckpt's temporary names "
-                    "(never listed as steps, removed by cleanup)."
+                    f"{TMP_DIR_SUFFIX!r} or {RESERVED_INFIX!r} are temporary or internal "
+                    "names (never listed as steps, removed by cleanup)."
                 )
         if self.step_format_fixed_length is not None and self.step_format_fixed_length < 0:
             raise ValueError("step_format_fixed_length must be >= 0.")
@@ -245,7 +239,9 @@ def find_step_path(
     if include_uncommitted:
         final = build_step_path(base, name_format, step)
         resolution = resolve(base)
-        temps = _sync.run(all_temporary_paths_async(base, resolution.backend))
+        temps = _sync.run(
+            all_temporary_paths_async(base, resolution.backend, strategy=resolution.strategy)
+        )
         for tmp in temps:
             if str(tmp.get_final()) == str(final):
                 return tmp.get()
@@ -335,11 +331,7 @@ def step_from_checkpoint_name(name: str) -> int:
 
 
 def _legacy_step_name(name: str) -> bool:
-    return (
-        not is_temporary_name(name)
-        and not is_writer_dir_name(name)
-        and (_is_ascii_digits(name) or _is_ascii_digits(name.split("_")[-1]))
-    )
+    return _is_ascii_digits(name) or _is_ascii_digits(name.split("_")[-1])
 
 
 def checkpoint_steps_paths(checkpoint_dir: Any, *, atomicity: str | None = None) -> list[UPath]:

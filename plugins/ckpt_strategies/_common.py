@@ -5,6 +5,7 @@ from __future__ import annotations
 from upath import UPath
 
 from ckpt.backend import Backend
+from ckpt.backend_registry import get_backend
 from ckpt.errors import ValidationError
 
 
@@ -21,6 +22,4 @@ async def require_dir(backend: Backend, path: UPath, what: str) -> None:
 
 
 def backend_for(path: UPath, backend: Backend | None) -> Backend:
-    from ckpt.registry import get_backend
-
     return backend or get_backend(path)

@@ -48,7 +48,7 @@ def test_missing_array_object_on_restore_is_filenotfounderror(
     ckpt_config: str, root: UPath, raw_fs: Any
 ) -> None:
     from ckpt import _sync
-    from ckpt.temporary_path import content_path
+    from ckpt.committed import content_path
 
     ckptr = ckpt.Checkpointer()
     ckptr.save(root / "0", {"w": np.ones(3)})

@@ -13,9 +13,9 @@ from upath import UPath
 
 import ckpt
 from ckpt import COMMIT_SUCCESS_FILE, METADATA_FILE
-from ckpt.layout import WRITERS_DIR
-from ckpt.temporary_path import committed_writer, content_path
+from ckpt.committed import content_path
 from ckpt_backend_gcs import GCSBucketBackend, split_path
+from ckpt_strategies.commit_file import WRITERS_DIR, committed_writer
 
 
 def _key(path: UPath) -> str:

@@ -61,8 +61,10 @@ def test_rename_refused_on_flat(ckpt_config, gcs_backend) -> None:
     assert registry.resolve(FLAT_URL, "commit_file", backend=flat).name == "commit_file"
     hns = gcs_backend.bind(HNS_URL)
     assert registry.resolve(HNS_URL, "commit_file", backend=hns).name == "commit_file"
-    assert registry.supported_strategies(flat) == ["commit_file"]
-    assert registry.supported_strategies(hns) == ["commit_file", "rename"]
+    # (third-party strategies registered by other tests may be listed too)
+    builtin = {"commit_file", "rename"}
+    assert builtin & set(registry.supported_strategies(flat)) == {"commit_file"}
+    assert builtin & set(registry.supported_strategies(hns)) == {"commit_file", "rename"}
 
 
 def test_layout_detected_once_per_bucket(gcs_options, storage_control) -> None:

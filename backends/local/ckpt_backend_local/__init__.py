@@ -2,7 +2,9 @@
 
 Durable: files and directories are fsync'ed before a commit, the parent directory after a
 rename. Renames never replace an existing directory (``renameat2(RENAME_NOREPLACE)``).
-Conditional create is ``O_CREAT|O_EXCL``. Symbolic links are never followed.
+Two directories swap in one step with ``renameat2(RENAME_EXCHANGE)``. A conditional create
+writes a private file, fsyncs it and hard-links it into place, so the file appears complete
+or not at all. Symbolic links are never followed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from upath import UPath
 
 from ckpt import hookimpl
 from ckpt.backend import Backend, Capabilities, Entry
-from ckpt_backend_local._rename import rename_noreplace
+from ckpt_backend_local._rename import exchange, rename_noreplace
 
 __all__ = ["LocalBackend"]
 
@@ -35,6 +37,7 @@ class LocalBackend(Backend):
     package = "ckpt-core"
     capabilities = Capabilities(
         atomic_dir_rename=True,
+        atomic_dir_exchange=True,
         conditional_put=True,
         snapshot=False,
         symlinks=True,
@@ -111,10 +114,13 @@ class LocalBackend(Backend):
             return
         if os.path.isdir(target):
             # rmtree never follows symlinks inside the tree.
-            await asyncio.to_thread(shutil.rmtree, target, ignore_errors=False)
+            await asyncio.to_thread(_rmtree, target)
 
     async def rename_dir(self, src: UPath, dst: UPath) -> None:
         await asyncio.to_thread(rename_noreplace, _p(src), _p(dst))
+
+    async def exchange_dirs(self, a: UPath, b: UPath) -> None:
+        await asyncio.to_thread(exchange, _p(a), _p(b))
 
     async def sync_tree(self, path: UPath) -> None:
         await asyncio.to_thread(_fsync_tree, _p(path))
@@ -170,11 +176,22 @@ def _write_replace(target: str, data: bytes) -> None:
 
 
 def _write_exclusive(target: str, data: bytes) -> None:
-    fd = _open_creating_parents(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    """Create ``target`` complete or not at all: write and fsync a private file beside it,
+    then hard-link it into place (``link`` never replaces: ``EEXIST`` if ``target`` exists).
+    A crash leaves no ``target`` or a complete one, plus at most the private file."""
+    tmp = f"{target}.ckpt-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fd = _open_creating_parents(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        _write_all(fd, data)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.link(tmp, target)
     finally:
-        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _open_creating_parents(path: str, flags: int) -> int:
@@ -183,6 +200,16 @@ def _open_creating_parents(path: str, flags: int) -> int:
     except FileNotFoundError:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return os.open(path, flags, 0o644)
+
+
+def _rmtree(target: str) -> None:
+    """``shutil.rmtree``, where what another remover deleted first is not an error."""
+
+    def onerror(func: Any, path: str, exc_info: Any) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(target, onerror=onerror)
 
 
 def _fsync_dir(path: str) -> None:

@@ -1,4 +1,4 @@
-"""Rename a directory without ever replacing an existing destination.
+"""Rename a directory without ever replacing an existing destination; swap two directories.
 
 POSIX ``rename`` silently replaces an *empty* destination directory, so two writers could
 both "commit" one step. Linux has ``renameat2(RENAME_NOREPLACE)``; where the kernel or the
@@ -14,6 +14,7 @@ import os
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 
 
 def _load_renameat2():  # type: ignore[no-untyped-def]
@@ -47,3 +48,18 @@ def rename_noreplace(src: str, dst: str) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
     os.rename(src, dst)
+
+
+def exchange(a: str, b: str) -> None:
+    """Swap the names of ``a`` and ``b`` atomically (``renameat2(RENAME_EXCHANGE)``).
+
+    Raises ``NotImplementedError`` where the kernel or the filesystem cannot."""
+    if _renameat2 is None:
+        raise NotImplementedError("renameat2 is not available on this system.")
+    result = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        raise NotImplementedError(f"RENAME_EXCHANGE is not supported here: {os.strerror(err)}")
+    raise OSError(err, os.strerror(err), a)

@@ -17,7 +17,8 @@ import pytest
 
 import ckpt
 from ckpt import _sync
-from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE, WRITER_DIR_INFIX, WRITERS_DIR
+from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE
+from ckpt_strategies.commit_file import WRITER_DIR_INFIX, WRITERS_DIR
 
 HERE = Path(__file__).resolve().parent
 

@@ -52,7 +52,7 @@ def _copy_without_marker(s3_server: Any, root: str, src: str, dst: str) -> None:
     """Copy the files of committed step ``src`` to ``dst``, leaving out the commit marker
     (what a prefix copy that was cut short, or a foreign writer in progress, looks like)."""
     from ckpt import _sync
-    from ckpt.temporary_path import content_path
+    from ckpt.committed import content_path
 
     content = _sync.run(content_path(ckpt.get_backend(root), UPath(root) / src))
     client = s3_server.client()
@@ -109,7 +109,7 @@ def test_retention_never_deletes_a_step_without_its_marker(s3_server: Any, s3_ro
 
 def test_missing_array_object_on_restore_is_filenotfounderror(s3_server: Any, s3_root: str) -> None:
     from ckpt import _sync
-    from ckpt.temporary_path import content_path
+    from ckpt.committed import content_path
 
     ckptr = ckpt.Checkpointer()
     ckptr.save(s3_root + "/0", {"w": np.ones(3)})

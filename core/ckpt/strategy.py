@@ -1,9 +1,12 @@
-"""The ``TemporaryPath`` protocol: how a checkpoint is written somewhere invisible and then
-committed so that it appears complete all at once.
+"""The strategy protocol: how a checkpoint is written somewhere invisible, committed so that
+it appears complete all at once, found, read, deleted and cleaned up.
 
-A strategy (a ``TemporaryPath`` subclass registered through ``register_strategies``)
+A strategy is a :class:`TemporaryPath` subclass registered through the
+``register_strategies`` hook. It owns its on-storage layout end to end: the core never
+names a strategy and never interprets a layout; it calls the methods below. A strategy
 declares the backend capabilities it ``requires`` and does all its I/O through the
-backend's primitives, so one strategy runs on every backend that can support it.
+backend's primitives, so one strategy runs on every backend that can support it. See
+``docs/writing-a-strategy.md`` for the invariants each method must keep.
 """
 
 from __future__ import annotations
@@ -11,19 +14,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import re
 import time
 from typing import Any, ClassVar, Self
 
 from upath import UPath
 
 from ckpt.backend import Backend, Entry
-from ckpt.layout import (
-    COMMIT_SUCCESS_FILE,
-    METADATA_FILE,
-    WRITERS_DIR,
-    temporary_name,
-    writer_dir_from_marker,
-)
+from ckpt.backend_registry import get_backend
+from ckpt.layout import METADATA_FILE
 from ckpt.manifest import MANIFEST_FILE, Manifest
 from ckpt.paths import to_path
 from ckpt.step_metadata import StepMetadata, write_step_metadata
@@ -31,11 +30,19 @@ from ckpt.step_metadata import StepMetadata, write_step_metadata
 __all__ = [
     "FileOptions",
     "ReadOnlyTemporaryPath",
+    "Scan",
     "TemporaryPath",
-    "committed_writer",
-    "content_path",
-    "delete_checkpoint",
+    "token_created_ns",
 ]
+
+#: A writer token (:func:`ckpt.layout.unique_token`) at the end of a name.
+_TOKEN_TIME = re.compile(r"(\d{16,20})-\d+-[0-9a-f]{12}$")
+
+
+def token_created_ns(name: str) -> int | None:
+    """Creation time (ns) of a name that ends with a writer token, or None."""
+    match = _TOKEN_TIME.search(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +60,39 @@ class FileOptions:
     path_permission_mode: int | None = None
 
 
+@dataclasses.dataclass
+class Scan:
+    """One strategy's reading of the children of a root (from one listing of it).
+
+    Attributes:
+        finalized: names of children that are committed checkpoints under this layout.
+        temporary: leftovers this layout made and that cleanup may remove: saves in
+            progress or interrupted, uncommitted data, remains of an interrupted delete or
+            commit. Only positive evidence of *this* layout; never something another
+            layout may have committed.
+        internal: names of children that belong to the layout but are not checkpoints
+            (e.g. a directory holding writer directories); hidden from listings.
+    """
+
+    finalized: list[str] = dataclasses.field(default_factory=list)
+    temporary: list[TemporaryPath] = dataclasses.field(default_factory=list)
+    internal: list[str] = dataclasses.field(default_factory=list)
+
+
 class TemporaryPath(abc.ABC):
-    """A checkpoint being written: its temporary path, its final path, and the commit.
+    """An atomicity strategy, and one checkpoint being written under it.
 
     Class attributes:
         name: the registered strategy name.
         requires: backend capabilities the strategy needs.
+        names_are_commit_evidence: True if a child of a root without temporary evidence is
+            committed by its name alone (no per-checkpoint I/O in discovery); then a
+            directory copied in without a commit marker counts as committed.
     """
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
+    names_are_commit_evidence: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -72,16 +102,14 @@ class TemporaryPath(abc.ABC):
         backend: Backend | None = None,
         file_options: FileOptions | None = None,
     ) -> None:
-        from ckpt.registry import get_backend
-
         self._tmp_path = temporary_path
         self._final_path = final_path
         self.backend: Backend = backend or get_backend(final_path)
         self.file_options = file_options or FileOptions()
         #: Step metadata kept in memory; written at create and updated at finalize.
         self.metadata = StepMetadata()
-        #: Set by a forced save: a committed checkpoint at the final path is deleted just
-        #: before the commit, so ``create`` must not refuse it.
+        #: Set by a forced save: ``create`` must not refuse a committed checkpoint at the
+        #: final path, and ``finalize`` replaces it (see :meth:`finalize`).
         self.replace_existing = False
         #: The integrity manifest of what the save wrote under :meth:`get` (set by the
         #: checkpointer before :meth:`finalize`); :meth:`_write_commit_metadata` adds the
@@ -112,6 +140,13 @@ class TemporaryPath(abc.ABC):
     ) -> Self:
         """The object for an existing temporary path (e.g. found by discovery)."""
 
+    @classmethod
+    def adopt(cls, directory: UPath, final: UPath, *, backend: Backend) -> Self | None:
+        """A writer that commits the existing, complete ``directory`` (a sibling of
+        ``final``) as ``final`` without copying it, or None if this layout cannot (the
+        caller then copies the data into a new temporary). Used by partial saves."""
+        return None
+
     def get(self) -> UPath:
         """The path data is written to."""
         return self._tmp_path
@@ -119,6 +154,11 @@ class TemporaryPath(abc.ABC):
     def get_final(self) -> UPath:
         """The path the checkpoint has once committed."""
         return self._final_path
+
+    def created_ns(self) -> int | None:
+        """When this writer started (from its temporary name), or None if unknown. Cleanup
+        with ``created_before_ns`` spares temporaries created at or after that time."""
+        return token_created_ns(self.get().name)
 
     # -- writing --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -129,8 +169,13 @@ class TemporaryPath(abc.ABC):
     async def finalize(self) -> None:
         """Commit: the checkpoint becomes visible at :meth:`get_final`, complete.
 
+        With :attr:`replace_existing`, a committed checkpoint at the final path is replaced:
+        it stays committed and readable until the new one is committed, and every failure
+        leaves exactly one of the two committed.
+
         Raises:
             ckpt.CommitConflictError: another writer committed this checkpoint first.
+            ckpt.CommitNotDurableError: the commit happened but could not be made durable.
         """
 
     async def discard(self) -> None:
@@ -168,64 +213,52 @@ class TemporaryPath(abc.ABC):
     async def finalized_names(
         cls, backend: Backend, base: UPath, entries: list[Entry]
     ) -> list[str]:
-        """Names among ``entries`` (one listing of ``base``) that are committed checkpoints.
-
-        Strategies whose commit evidence is in the name do no I/O here; others do at most
-        one batched check."""
+        """Names among ``entries`` (from one listing of ``base``) that are committed
+        checkpoints. Strategies whose commit evidence is in the name do no I/O here;
+        others do at most one batched check."""
 
     @classmethod
     @abc.abstractmethod
     async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
         """True if ``path`` is a committed checkpoint under this strategy."""
 
+    @classmethod
+    @abc.abstractmethod
+    async def is_temporary(cls, backend: Backend, path: UPath) -> bool:
+        """True if ``path`` is a leftover of this layout that cleanup may remove (positive
+        evidence only; a symbolic link never is)."""
+
+    @classmethod
+    @abc.abstractmethod
+    async def scan(cls, backend: Backend, root: UPath, entries: list[Entry]) -> Scan:
+        """Classify the children of ``root``; ``entries`` is one listing of it. A strategy
+        may add a bounded number of batched calls (one listing of its own directory, one
+        batched existence check), never one call per checkpoint in the common case."""
+
+    # -- reading and deleting committed checkpoints ------------------------------------------
+    @classmethod
+    async def content_path(cls, backend: Backend, final: UPath) -> UPath | None:
+        """Where the files of the committed checkpoint ``final`` are, if this layout puts
+        them elsewhere than ``final`` and ``final`` shows evidence of it; else None
+        (readers then read ``final`` itself)."""
+        return None
+
+    @classmethod
+    @abc.abstractmethod
+    async def delete(cls, backend: Backend, final: UPath) -> None:
+        """Delete the committed checkpoint ``final`` crash-safely: uncommit it first, so
+        that a crash at any point leaves it committed and intact, or leaves only
+        leftovers that :meth:`scan` reports as temporary."""
+
+    @classmethod
+    async def repair(cls, backend: Backend, root: UPath, entries: list[Entry]) -> list[UPath]:
+        """Bring back to exactly one committed checkpoint every state an interrupted
+        commit or replace of this layout left under ``root`` (``entries``: one listing).
+        Returns the final paths repaired. Called at manager start and by cleanup."""
+        return []
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tmp={str(self.get())!r}, final={str(self.get_final())!r})"
-
-
-async def committed_writer(backend: Backend, final: UPath) -> str | None:
-    """The writer directory the commit marker of ``final`` names, or None."""
-    try:
-        text = (await backend.read_bytes(final / COMMIT_SUCCESS_FILE)).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return None
-    return writer_dir_from_marker(text, final.name)
-
-
-async def content_path(backend: Backend, final: UPath) -> UPath:
-    """Where a committed checkpoint's files are: the final path itself, or the writer
-    directory (under ``<root>/.ckpt-writers``, with ``commit_file``) its marker names."""
-    writer = await committed_writer(backend, final)
-    return final.parent / WRITERS_DIR / writer if writer else final
-
-
-async def delete_checkpoint(backend: Backend, final: UPath) -> None:
-    """Delete a checkpoint safely: uncommit it first, then remove its files.
-
-    A crash half way leaves at most a temporary (uncommitted) directory, which cleanup
-    removes; never something that looks committed but is not."""
-    if await backend.is_link(final):
-        # A symlink is never a checkpoint: remove the link, never what it points to.
-        await backend.remove_file(final)
-        return
-    writer = await committed_writer(backend, final)
-    if writer:
-        await backend.remove_file(final / COMMIT_SUCCESS_FILE)
-        await backend.remove_tree(final.parent / WRITERS_DIR / writer)
-        await backend.remove_tree(final)
-        return
-    if (
-        backend.capabilities.atomic_dir_rename
-        and not await backend.is_link(final)
-        and await backend.is_dir(final)
-    ):
-        # Under rename the name is the commit evidence: rename it to a temporary name first.
-        doomed = final.parent / temporary_name(final.name)
-        await backend.rename_dir(final, doomed)
-        await backend.sync_dir(final.parent)
-        await backend.remove_tree(doomed)
-        return
-    await backend.remove_file(final / COMMIT_SUCCESS_FILE)  # Orbax commit-file layout
-    await backend.remove_tree(final)
 
 
 class ReadOnlyTemporaryPath(TemporaryPath):
@@ -295,3 +328,14 @@ class ReadOnlyTemporaryPath(TemporaryPath):
     async def is_finalized(cls, backend: Backend, path: UPath) -> bool:
         raise NotImplementedError
 
+    @classmethod
+    async def is_temporary(cls, backend: Backend, path: UPath) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    async def scan(cls, backend: Backend, root: UPath, entries: list[Entry]) -> Scan:
+        raise NotImplementedError
+
+    @classmethod
+    async def delete(cls, backend: Backend, final: UPath) -> None:
+        raise NotImplementedError
