@@ -57,8 +57,8 @@ class IntegrityConformance:
     def _saved(root: str, strategy: str) -> tuple[str, str, list[str]]:
         """Save a tree; return (checkpoint URL, content URL, files in its manifest)."""
         from ckpt import _sync
-        from ckpt.manifest import read_manifest
         from ckpt.committed import content_path
+        from ckpt.manifest import read_manifest
 
         final = f"{root}/7"
         ckpt.Checkpointer(strategy).save(final, _tree())
