@@ -396,9 +396,19 @@ def test_tree_document_reusing_an_array_path(saved: Path) -> None:
     _without_manifest(saved.parent / "8")
     doc = _tree_doc(saved.parent / "8")
     doc["leaves"][1]["path"] = doc["leaves"][0]["path"]
+    doc["leaves"][1]["offset"] = doc["leaves"][0]["offset"]  # the same bytes of one pack
     _write_doc(saved.parent / "8", doc)
-    with pytest.raises(ValueError, match="reused"):
+    with pytest.raises(ValueError, match="overlap"):
         ckpt.Checkpointer().restore(saved.parent / "8")
+    # Two zarr arrays (leaves too large to pack) sharing a directory.
+    big = np.ones(tree_format.PACK_MAX_LEAF_BYTES // 4)
+    ckpt.Checkpointer().save(saved.parent / "9", {"a": big, "b": big})
+    _without_manifest(saved.parent / "9")
+    doc = _tree_doc(saved.parent / "9")
+    doc["leaves"][1]["path"] = doc["leaves"][0]["path"]
+    _write_doc(saved.parent / "9", doc)
+    with pytest.raises(ValueError, match="reused"):
+        ckpt.Checkpointer().restore(saved.parent / "9")
 
 
 @pytest.mark.parametrize(

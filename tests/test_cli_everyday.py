@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import ckpt
+from ckpt import tree_format
 
 CKPT = [sys.executable, "-m", "ckpt"]
 
@@ -196,7 +197,10 @@ def test_path_permission_mode_on_every_directory(
         with ckpt.CheckpointManager(
             tmp_path / "a" / "b", atomicity=strategy, file_options=options, async_save=async_save
         ) as mngr:
-            mngr.save(0, {"w": np.ones(3), "l": [np.ones(2), {"x": np.zeros(1)}]})
+            # A leaf large enough for its own zarr array (tensorstore makes its chunk
+            # directories), the others packed.
+            big = np.ones(2 * tree_format.PACK_MAX_LEAF_BYTES // 8)
+            mngr.save(0, {"w": big, "l": [np.ones(2), {"x": np.zeros(1)}]})
     finally:
         os.umask(old)
     dirs = [Path(d) for d, _, _ in os.walk(tmp_path / "a")]

@@ -28,11 +28,20 @@ def manifest_of(path: Path) -> Manifest:
     return Manifest.from_bytes((path / ckpt.MANIFEST_FILE).read_bytes(), str(path))
 
 
-def test_lost_chunk_file_is_an_error_not_zeros(tmp_path: Path) -> None:
-    """The issue's example: one chunk file lost; restore used to return 0.0."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_lost_chunk_file_is_an_error_not_zeros(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, packed: bool
+) -> None:
+    """The issue's example: the file holding a leaf's data lost; restore used to return
+    0.0. Small leaves live in a pack file, larger ones in zarr chunk files."""
+    from ckpt import tree_format
+
+    if not packed:
+        monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", 16)
     c = tmp_path / "c"
     ckpt.Checkpointer().save(c / "7", {"w": np.full((4, 8), 5.0, np.float32)})
-    (lost,) = glob.glob(str(c / "7/arrays/0/c/*/*"))
+    pattern = "7/packed/0" if packed else "7/arrays/0/c/*/*"
+    (lost,) = glob.glob(str(c / pattern))
     os.remove(lost)
     with pytest.raises(ckpt.CorruptCheckpointError) as info:
         ckpt.Checkpointer().restore(c / "7")
@@ -104,7 +113,7 @@ def test_partial_save_merges_the_pieces_manifests(tmp_path: Path) -> None:
     assert verify(path)[0] == 0
     out = ckpt.Checkpointer(verify_checksums=True).restore(path)
     assert np.array_equal(out["a"], np.arange(6.0))
-    chunk = next(rel for rel in manifest.files if rel.endswith("/c/0") and rel.startswith("piece-"))
+    chunk = next(rel for rel in manifest.files if rel.endswith("packed/0"))
     (path / chunk).write_bytes(b"")
     with pytest.raises(ckpt.CorruptCheckpointError, match="has 0 bytes"):
         ckpt.Checkpointer().restore(path)
@@ -125,7 +134,7 @@ def test_verify_checksums_comes_from_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpt.Checkpointer().save(tmp_path / "1", {"w": np.arange(1000.0)})
-    chunk = tmp_path / "1/arrays/0/c/0"
+    chunk = tmp_path / "1/packed/0"
     data = bytearray(chunk.read_bytes())
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))

@@ -11,7 +11,10 @@ import ckpt
 from ckpt import _progress, _sync, tree_format
 
 
-def test_tree_format_reports_every_array_byte(tmp_path: Path) -> None:
+def test_tree_format_reports_every_array_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", 100)  # "a" an array, "b" packed
     tree = {"a": np.ones((100, 10), np.float32), "b": [np.arange(7, dtype=np.int64)], "s": 3}
     total_bytes = 100 * 10 * 4 + 7 * 8
     calls: list[tuple[int, int]] = []
@@ -23,7 +26,7 @@ def test_tree_format_reports_every_array_byte(tmp_path: Path) -> None:
         )
     )
     assert {t for _, t in calls} == {total_bytes}
-    assert sum(d for d, _ in calls) == total_bytes and len(calls) == 3  # start + 2 arrays
+    assert sum(d for d, _ in calls) == total_bytes and len(calls) == 3  # start, array, pack
     calls.clear()
     _sync.run(tree_format.read(backend, path, progress=lambda d, t: calls.append((d, t))))
     assert sum(d for d, _ in calls) == total_bytes and {t for _, t in calls} == {total_bytes}

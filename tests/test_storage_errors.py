@@ -139,7 +139,10 @@ def test_tensorstore_write_errors_are_translated(read_only: tuple[Path, Path]) -
     assert "local filesystem" in str(err) and str(ro / "x") in str(err)
 
 
-def test_missing_array_file_on_restore_is_filenotfounderror(tmp_path: Path) -> None:
+def test_missing_array_file_on_restore_is_filenotfounderror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", -1)  # zarr arrays only
     ckpt.Checkpointer().save(tmp_path / "0", SMALL)
     (tmp_path / "0" / "arrays" / "0" / "zarr.json").unlink()
     # A file the save recorded in its manifest: the checkpoint is corrupt.

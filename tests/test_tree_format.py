@@ -35,6 +35,13 @@ def ckdir(tmp_path: Path) -> UPath:
     return UPath(tmp_path / "ck")
 
 
+@pytest.fixture(autouse=True)
+def _zarr_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests exercise the zarr array path: no leaf is packed (packs have their own
+    tests in test_packing.py)."""
+    monkeypatch.setattr(tf, "PACK_MAX_LEAF_BYTES", -1)
+
+
 def save(backend: Any, directory: UPath, tree: Any, durable: bool = True) -> None:
     asyncio.run(tf.write(backend, directory, tf.prepare(tree), durable=durable))
 

@@ -1,6 +1,7 @@
 """Integrity conformance: a damaged file of a committed checkpoint is never read as data.
 
-Each kind of file a save writes (an array chunk, an array's ``zarr.json``, ``_TREE.json``,
+Each kind of file a save writes (an array chunk, an array's ``zarr.json``, a pack file of
+small leaves, ``_TREE.json``,
 ``_CHECKPOINT_METADATA`` and the manifest itself) is deleted, truncated, extended or has one
 byte flipped, out of band (plain fsspec, not the backend under test); then a restore must
 raise :class:`ckpt.CorruptCheckpointError` (always for a changed size, and with
@@ -16,7 +17,7 @@ import pytest
 
 import ckpt
 
-KINDS = ("chunk", "zarr.json", "_TREE.json", "_CHECKPOINT_METADATA", "manifest")
+KINDS = ("chunk", "zarr.json", "pack", "_TREE.json", "_CHECKPOINT_METADATA", "manifest")
 DAMAGES = ("delete", "truncate", "extend", "flip")
 
 
@@ -34,6 +35,8 @@ def _pick(files: list[str], kind: str) -> str:
         return next(f for f in files if "/c/" in f and f.startswith("arrays/"))
     if kind == "zarr.json":
         return next(f for f in files if f.endswith("/zarr.json"))
+    if kind == "pack":
+        return next(f for f in files if f.startswith("packed/"))
     if kind == "manifest":
         return ckpt.MANIFEST_FILE
     return kind
@@ -52,6 +55,14 @@ def _ckpt_verify(final: str, strategy: str) -> tuple[int, str]:
 
 class IntegrityConformance:
     """Mixed into :class:`ckpt_conformance.BackendConformance` (its fixtures apply)."""
+
+    @pytest.fixture(autouse=True)
+    def _small_pack_threshold(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Leaves over 100 bytes get their own zarr array, smaller ones are packed: one
+        small tree then holds every kind of file."""
+        from ckpt import tree_format
+
+        monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", 100)
 
     @staticmethod
     def _saved(root: str, strategy: str) -> tuple[str, str, list[str]]:
@@ -113,14 +124,14 @@ class IntegrityConformance:
         if kind != "manifest":
             assert rel in str(info.value)
         if kind in ("chunk", "zarr.json"):
-            assert info.value.leaf == "w" or info.value.leaf == "b"
+            assert info.value.leaf == "w"
         # Without checksums: a changed size or a missing file is always caught; the tree
         # document is always checked; a same-size flipped byte elsewhere is not (documented).
         plain = ckpt.Checkpointer(strategy, verify_checksums=False)
         if damage != "flip" or kind == "_TREE.json":
             with pytest.raises(ckpt.CorruptCheckpointError):
                 plain.restore(final)
-        elif kind == "chunk":
+        elif kind in ("chunk", "pack"):
             restored = plain.restore(final)
             changed = [k for k in ("w", "b") if not np.array_equal(restored[k], _tree()[k])]
             assert len(changed) == 1

@@ -4,27 +4,37 @@ One saved tree is a directory::
 
     <directory>/
         _TREE.json          structure, per-leaf metadata, inline scalars/strings/None
-        arrays/0/           one zarr3 array per array leaf (written with tensorstore)
-        arrays/1/
+        _CKPT_MANIFEST.json size and CRC32C of every file (see ckpt.manifest)
+        packed/0            small array leaves (up to PACK_MAX_LEAF_BYTES), back to back
+        packed/1            (64-byte aligned) in files of about PACK_FILE_BYTES
+        arrays/3/           one zarr3 array per larger array leaf (chunks by tensorstore)
         ...
 
 Array subdirectories are named by the leaf's index in flattening order, so any dict key
 (spaces, unicode, ``/``, ``..``) is safe: keys only ever appear inside the JSON file.
 The JSON file is written last, through :meth:`ckpt.backend.Backend.write_bytes`.
 
-``_TREE.json`` (format version 1)::
+``_TREE.json`` (format version 2; version 1, without packs, is still read)::
 
     {
       "format": "ckpt-tree",
-      "version": 1,
+      "version": 2,
+      "manifest": "_CKPT_MANIFEST.json",
       "structure": {"type": "dict", "keys": ["params", "step"],
                     "children": [{"type": "dict", ...}, {"type": "leaf", "index": 1}]},
       "leaves": [
-        {"keypath": "params/w", "kind": "array", "dtype": "float32", "shape": [4, 4],
-         "path": "arrays/0", "chunks": [4, 4], "nbytes": 64, "source": "jax"},
+        {"keypath": "params/w", "kind": "array", "dtype": "float32", "shape": [1024, 1024],
+         "path": "arrays/0", "chunks": [1024, 1024], "nbytes": 4194304, "source": "jax"},
+        {"keypath": "params/b", "kind": "array", "dtype": "float32", "shape": [1024],
+         "path": "packed/0", "offset": 0, "nbytes": 4096, "source": "jax"},
         {"keypath": "step", "kind": "int", "value": 10}
       ]
     }
+
+A packed leaf (one with an ``offset``) is the C-order little-endian bytes of the array at
+``offset`` in its pack file. Thousands of small leaves (biases, norms, step counters) thus
+cost a few files and requests, not a zarr array (metadata file, chunk files, directories)
+each; a restore reads each pack once (on local disk, each leaf straight into its output).
 
 Leaf kinds: ``array`` (numpy or jax array), ``numpy_scalar`` (a numpy scalar such as
 ``np.float32(1)``, stored as a 0-d array), ``bool``, ``int``, ``float``, ``complex``,
@@ -106,7 +116,17 @@ ARRAYS_DIR = "arrays"
 #: The ``format`` field of :data:`TREE_FILE`.
 FORMAT_NAME = "ckpt-tree"
 #: The ``version`` field of :data:`TREE_FILE` written by this module.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions of the document this ckpt reads (1: every array leaf its own zarr3 array).
+READABLE_VERSIONS = (1, 2)
+#: Directory of the pack files: small array leaves stored back to back in one file each
+#: (format version 2), so a tree of thousands of small leaves costs a few files, not
+#: thousands of arrays.
+PACKS_DIR = "packed"
+#: Array leaves of at most this many bytes are packed (larger ones are zarr3 arrays).
+PACK_MAX_LEAF_BYTES = 1024 * 1024
+#: A pack file holds up to this many bytes (one larger leaf may make it bigger).
+PACK_FILE_BYTES = 64 * 1024 * 1024
 
 #: Zarr3 chunks are at most this many bytes (split along the leading axes).
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -218,6 +238,8 @@ class _ArrayItem:
     #: process writes (its addressable shards with ``replica_id == 0``), and ``chunks``
     #: tile every shard exactly, so each chunk file has exactly one writer.
     partial: bool = False
+    #: ``(pack index, byte offset)`` of a packed leaf, else None.
+    pack: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -232,6 +254,8 @@ class PreparedTree:
     structure: dict[str, Any]
     leaves: list[dict[str, Any]]
     arrays: list[_ArrayItem]
+    #: Sizes in bytes of the pack files (see :data:`PACKS_DIR`).
+    packs: list[int] = dataclasses.field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
         """The JSON document that :func:`write` stores as :data:`TREE_FILE`."""
@@ -446,7 +470,31 @@ def prepare(tree: Any, *, copy: bool = True) -> PreparedTree:
         )
 
     structure = _flatten(tree, "", leaf, leaves)
-    return PreparedTree(structure, leaves, arrays)
+    return PreparedTree(structure, leaves, arrays, _assign_packs(arrays, leaves))
+
+
+def _assign_packs(arrays: list[_ArrayItem], leaves: list[dict[str, Any]]) -> list[int]:
+    """Pack small array leaves (at most :data:`PACK_MAX_LEAF_BYTES`, not multi-process)
+    back to back, 64-byte aligned, into files of about :data:`PACK_FILE_BYTES`; record
+    each one's file (``path``) and ``offset`` in its leaf metadata. Returns the pack
+    sizes."""
+    sizes: list[int] = []
+    offset = 0
+    for item in arrays:
+        nbytes = math.prod(item.shape) * item.dtype.itemsize
+        if item.partial or nbytes > PACK_MAX_LEAF_BYTES:
+            continue
+        if not sizes or (offset and offset + nbytes > PACK_FILE_BYTES):
+            sizes.append(0)
+            offset = 0
+        item.pack = (len(sizes) - 1, offset)
+        meta = leaves[item.leaf]
+        meta["path"] = f"{PACKS_DIR}/{len(sizes) - 1}"
+        meta["offset"] = offset
+        meta.pop("chunks", None)
+        sizes[-1] = offset + nbytes
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    return sizes
 
 
 def _flatten(
@@ -695,6 +743,14 @@ async def _write_array(
     return records
 
 
+def _leaf_bytes(data: Any) -> np.ndarray:
+    """The stored bytes of one array (C order, little-endian) as a flat uint8 array."""
+    array = np.ascontiguousarray(np.asarray(data))
+    if sys.byteorder != "little" and array.dtype.itemsize > 1:
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.reshape(-1).view(np.uint8)
+
+
 def _subpath(directory: UPath, subpath: str) -> UPath:
     path = directory
     for part in subpath.split("/"):
@@ -748,9 +804,24 @@ async def write(
         if progress is not None:
             progress(int(np.prod(item.shape)) * item.dtype.itemsize, total)
 
+    async def pack(index: int) -> None:
+        items = [a for a in prepared.arrays if a.pack is not None and a.pack[0] == index]
+        buffer = np.zeros(prepared.packs[index], np.uint8)  # zero padding between leaves
+        for item in items:
+            assert item.pack is not None
+            flat = _leaf_bytes(await _host_data(item))
+            buffer[item.pack[1] : item.pack[1] + flat.size] = flat
+        rel = f"{PACKS_DIR}/{index}"
+        await backend.write_bytes(_subpath(directory, rel), buffer.tobytes())
+        manifest.add(rel, buffer)
+        if progress is not None:
+            progress(sum(math.prod(a.shape) * a.dtype.itemsize for a in items), total)
+
     if progress is not None:
         progress(0, total)
-    tasks = [asyncio.ensure_future(one(a)) for a in prepared.arrays]
+    tasks = [asyncio.ensure_future(one(a)) for a in prepared.arrays if a.pack is None]
+    if primary:  # packed leaves are process-local arrays: the primary's copy is written
+        tasks += [asyncio.ensure_future(pack(k)) for k in range(len(prepared.packs))]
     try:
         await asyncio.gather(*tasks)
     except BaseException:
@@ -794,17 +865,30 @@ def _validate_document(doc: Any) -> dict[str, Any]:
     )
     version = doc.get("version")
     _require(
-        version == FORMAT_VERSION,
-        f"unknown format version {version!r} (this ckpt reads version {FORMAT_VERSION})",
+        version in READABLE_VERSIONS,
+        f"unknown format version {version!r} (this ckpt reads versions "
+        f"{', '.join(map(str, READABLE_VERSIONS))}; a newer ckpt wrote it)",
     )
     leaves = doc.get("leaves")
     _require(isinstance(leaves, list), "'leaves' is not a list")
     paths: set[str] = set()
+    packed: dict[str, list[tuple[int, int, int]]] = {}
     for i, leaf in enumerate(leaves):
         _validate_leaf(i, leaf)
-        if leaf["kind"] in _ARRAY_KINDS:
-            _require(leaf["path"] not in paths, f"leaf {i}: array path {leaf['path']!r} reused")
-            paths.add(leaf["path"])
+        if leaf["kind"] not in _ARRAY_KINDS:
+            continue
+        if "offset" in leaf:  # a packed leaf: a byte range of a pack file
+            nbytes = math.prod(leaf["shape"]) * _DTYPES[leaf["dtype"]].itemsize
+            packed.setdefault(leaf["path"], []).append((leaf["offset"], nbytes, i))
+            continue
+        _require(leaf["path"] not in paths, f"leaf {i}: array path {leaf['path']!r} reused")
+        paths.add(leaf["path"])
+    for path, ranges in packed.items():
+        _require(path not in paths, f"pack file {path!r} is also an array path")
+        end = 0
+        for offset, nbytes, i in sorted(ranges):
+            _require(offset >= end, f"leaf {i}: its bytes in {path!r} overlap another leaf's")
+            end = offset + nbytes
     seen: set[int] = set()
     _validate_node(doc.get("structure"), len(leaves), seen, "")
     _require(len(seen) == len(leaves), "some leaves are not referenced by the structure")
@@ -852,6 +936,12 @@ def _validate_leaf(i: int, leaf: Any) -> None:
             isinstance(path, str) and all(_SAFE_COMPONENT.fullmatch(p) for p in path.split("/")),
             f"{where}: unsafe or missing array path {path!r} (expected a relative path "
             "inside the checkpoint, such as 'arrays/0')",
+        )
+        offset = leaf.get("offset")
+        _require(
+            offset is None or (type(offset) is int and offset >= 0 and _is_pack_file(path)),
+            f"{where}: bad pack file {path!r} or offset {offset!r} (expected a file "
+            f"{PACKS_DIR}/<n> and a byte offset)",
         )
         return
     value = leaf.get("value")
@@ -1190,7 +1280,13 @@ class _Integrity:
         self.manifest = manifest
         self.verify_checksums = verify_checksums
         self.checkpoint = checkpoint
-        self.keypaths = {m["path"]: m["keypath"] for m in leaves if "path" in m}
+        self.keypaths = {
+            m["path"]: m["keypath"] for m in leaves if "path" in m and "offset" not in m
+        }
+        self.packed: dict[str, list[str]] = {}  # pack file -> keypaths of its leaves
+        for m in leaves:
+            if "offset" in m:
+                self.packed.setdefault(m["path"], []).append(m["keypath"])
         self.files_of: dict[str, list[str]] = {}
         for rel in manifest.files:
             array_dir = _array_dir_of(rel)
@@ -1234,15 +1330,25 @@ class _Integrity:
         )
 
     def leaf_of(self, relpath: str) -> str | None:
+        if relpath in self.packed:  # a pack file: the first of the leaves it holds
+            return _display(self.packed[relpath][0])
         array_dir = _array_dir_of(relpath)
         keypath = self.keypaths.get(array_dir) if array_dir is not None else None
         return _display(keypath) if keypath is not None else None
 
     def fail(self, problems: list[Problem]) -> CorruptCheckpointError:
         first = problems[0]
+
+        def line(p: Problem) -> str:
+            held = self.packed.get(p.relpath, [])
+            more = f" (holds leaves {', '.join(map(repr, map(_display, held[:3])))}" + (
+                f" and {len(held) - 3} more)" if len(held) > 3 else ")"
+            )
+            return f"{self.directory / p.relpath}: {p.detail}" + (more if held else "")
+
         return CorruptCheckpointError(
             self.checkpoint,
-            [f"{self.directory / p.relpath}: {p.detail}" for p in problems],
+            [line(p) for p in problems],
             leaf=self.leaf_of(first.relpath),
             file=str(self.directory / first.relpath),
         )
@@ -1579,6 +1685,107 @@ def _to_output(array: np.ndarray, meta: dict[str, Any], target: Any) -> Any:
     return array
 
 
+def _is_pack_file(relpath: str) -> bool:
+    parts = relpath.split("/")
+    return len(parts) >= 2 and parts[-2] == PACKS_DIR and parts[-1].isdigit()
+
+
+def _pread_exact(path: str, buffer: np.ndarray, offset: int) -> None:
+    """Fill the uint8 array ``buffer`` from ``path`` at ``offset``; ValueError if the file
+    ends first."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        view = buffer.data
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ValueError(f"{path} ends before byte {offset + len(view)}")
+            done += n
+    finally:
+        os.close(fd)
+
+
+class _PackReader:
+    """Reads packed leaves: on local disk each leaf straight from its pack file into its
+    output (``os.preadv``); elsewhere each pack file once (one GET), shared by its leaves
+    and dropped when the last one is read. With ``verify_checksums`` every pack's CRC32C
+    is checked before any of its leaves is returned."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        directory: UPath,
+        metas: list[dict[str, Any]],
+        pool: ThreadPoolExecutor | None,
+        integrity: _Integrity | None,
+    ) -> None:
+        self.backend = backend
+        self.directory = directory
+        self.pool = pool
+        self.integrity = integrity
+        self.local = _local_root({"kvstore": backend.kvstore_spec(directory)}) if (
+            pool is not None
+        ) else None
+        self.remaining: dict[str, int] = {}
+        for meta in metas:
+            if "offset" in meta:
+                self.remaining[meta["path"]] = self.remaining.get(meta["path"], 0) + 1
+        self.loaded: dict[str, asyncio.Future[bytes | None]] = {}
+
+    async def _load(self, rel: str) -> bytes | None:
+        """The pack's bytes (None on local disk: leaves are read in place), checked."""
+        checks = self.integrity is not None and self.integrity.verify_checksums
+        if self.local is not None:
+            if checks and self.integrity is not None:
+                await self.integrity.verify_files([rel])
+            return None
+        raw = await self.backend.read_bytes(_subpath(self.directory, rel))
+        if checks and self.integrity is not None:
+            record = self.integrity.manifest.files.get(rel)
+            problem = (
+                checksum_problem(rel, record, raw)
+                if record is not None
+                else Problem(rel, "missing", "not recorded in the manifest")
+            )
+            if problem is not None:
+                raise self.integrity.fail([problem])
+        return raw
+
+    async def read(self, meta: dict[str, Any]) -> np.ndarray:
+        rel, offset = meta["path"], meta["offset"]
+        out = _aligned_empty(tuple(meta["shape"]), _DTYPES[meta["dtype"]])
+        target = out.reshape(-1).view(np.uint8)
+        loading = self.loaded.get(rel)
+        if loading is None:
+            loading = self.loaded[rel] = asyncio.ensure_future(self._load(rel))
+        try:
+            raw = await loading
+            if target.size == 0:
+                return out
+            where = f"leaf {_display(meta['keypath'])!r}"
+            if raw is None:
+                assert self.local is not None and self.pool is not None
+                path = os.path.join(self.local, *rel.split("/"))
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(self.pool, _pread_exact, path, target, offset)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: pack file {exc}") from None
+            else:
+                if offset + target.size > len(raw):
+                    raise ValueError(
+                        f"{where}: pack file {self.directory / rel} holds {len(raw)} bytes, "
+                        f"the leaf ends at byte {offset + target.size}"
+                    )
+                target[:] = np.frombuffer(raw, np.uint8, count=target.size, offset=offset)
+            return out
+        finally:
+            self.remaining[rel] -= 1
+            if self.remaining[rel] == 0:
+                self.loaded.pop(rel, None)  # the last leaf of this pack: free its bytes
+
+
 def _target_sharding(target: Any) -> Any:
     """The sharding a target leaf asks for, or None."""
     if isinstance(target, jax.ShapeDtypeStruct):
@@ -1710,10 +1917,15 @@ async def read(
             checkpoint=checkpoint or str(directory),
         )
         await integrity.check_sizes(tree_raw)
-        if verify_checksums:
+        if verify_checksums:  # pack files are checked as they are read
             await integrity.verify_files(
-                [r for r in integrity.manifest.files if r != TREE_FILE and (
-                    _array_dir_of(r) is None or r.endswith("/zarr.json"))]
+                [
+                    r
+                    for r in integrity.manifest.files
+                    if r != TREE_FILE
+                    and not _is_pack_file(r)
+                    and (_array_dir_of(r) is None or r.endswith("/zarr.json"))
+                ]
             )
     plan: dict[int, Any] = {}
     if target is not None:
@@ -1736,9 +1948,19 @@ async def read(
     total = sum(_leaf_nbytes(leaves[i]) for i in array_leaves)
     if progress is not None:
         progress(0, total)
+    packs = _PackReader(
+        backend, directory, [leaves[i] for i in array_leaves], pool, integrity
+    )
 
     async def read_leaf(i: int) -> Any:
         sharding = _target_sharding(plan.get(i))
+        if "offset" in leaves[i]:
+            array = await packs.read(leaves[i])
+            if progress is not None:
+                progress(_leaf_nbytes(leaves[i]), total)
+            if isinstance(plan.get(i), (jax.Array, jax.ShapeDtypeStruct)):
+                return await asyncio.to_thread(place, array, i)
+            return _to_output(array, leaves[i], plan.get(i))
         if sharding is not None and leaves[i]["kind"] != "prng_key" and _per_shard(sharding):
             # Each process reads only the regions of its own devices' shards (tensorstore
             # reads just the chunks that overlap them).

@@ -45,8 +45,11 @@ def test_manager_save_without_close_commits_at_exit(ckpt_config: str, root: UPat
 
 
 def test_missing_array_object_on_restore_is_filenotfounderror(
-    ckpt_config: str, root: UPath, raw_fs: Any
+    ckpt_config: str, root: UPath, raw_fs: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from ckpt import tree_format
+
+    monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", -1)  # zarr arrays only
     from ckpt import _sync
     from ckpt.committed import content_path
 

@@ -107,7 +107,12 @@ def test_retention_never_deletes_a_step_without_its_marker(s3_server: Any, s3_ro
     assert ckpt.latest_step_metadata(s3_root).step == 3  # type: ignore[union-attr]
 
 
-def test_missing_array_object_on_restore_is_filenotfounderror(s3_server: Any, s3_root: str) -> None:
+def test_missing_array_object_on_restore_is_filenotfounderror(
+    s3_server: Any, s3_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt import tree_format
+
+    monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", -1)  # zarr arrays only
     from ckpt import _sync
     from ckpt.committed import content_path
 
