@@ -339,7 +339,7 @@ def main() -> None:
         args.local = args.s3 = True
     if args.local:
         times = Times()
-        root = Path(tempfile.mkdtemp(prefix="ckpt-bench-leaves-", dir=args.dir or "."))
+        root = Path(tempfile.mkdtemp(prefix="ckpt-bench-leaves-", dir=args.dir or ".")).resolve()
         try:
             for name in names:
                 tree = TREES[name]()
