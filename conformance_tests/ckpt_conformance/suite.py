@@ -14,6 +14,7 @@ import ckpt
 from ckpt import _sync
 from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE
 from ckpt.registry import resolve, supported_strategies
+from ckpt_conformance.faults import FaultConformance, RaceConformance
 from ckpt_conformance.instrumented import InstrumentedBackend
 from ckpt_conformance.integrity import IntegrityConformance
 
@@ -28,7 +29,7 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-class BackendConformance(IntegrityConformance):
+class BackendConformance(IntegrityConformance, FaultConformance, RaceConformance):
     """Base class of the suite. Subclasses provide the ``ckpt_root`` fixture."""
 
     # -- fixtures a backend provides or overrides -----------------------------------------

@@ -17,6 +17,7 @@ from upath import UPath
 from ckpt import _sync
 from ckpt.backend import Backend, Entry
 from ckpt.discovery import scan_root
+from ckpt.layout import PARTIAL_SAVE_SUFFIX
 from ckpt.paths import to_path
 from ckpt.registry import resolve, strategies_for
 from ckpt.strategy import TemporaryPath
@@ -91,7 +92,28 @@ async def cleanup_temporary_paths_async(
     temps = await all_temporary_paths_async(
         root, backend, strategy=strategy, created_before_ns=created_before_ns, entries=entries
     )
-    return await remove_temporaries(backend, temps)
+    removed = await remove_temporaries(backend, temps)
+    return removed + await _remove_spent_partial_sessions(root, backend, strategy, entries)
+
+
+async def _remove_spent_partial_sessions(
+    root: UPath, backend: Backend, strategy: type[TemporaryPath] | None, entries: list[Entry]
+) -> list[UPath]:
+    """``<name>.partial_save`` session directories whose checkpoint ``<name>`` is committed
+    (a finalize that committed, then failed or was killed before removing its session)."""
+    sessions = {
+        e.name[: -len(PARTIAL_SAVE_SUFFIX)]: root / e.name
+        for e in entries
+        if e.is_dir and e.name.endswith(PARTIAL_SAVE_SUFFIX) and e.name != PARTIAL_SAVE_SUFFIX
+    }
+    if not sessions:
+        return []
+    scan = await scan_root(root, backend, strategies_for(backend, strategy)[0], entries)
+    spent = [path for name, path in sessions.items() if name in scan.finalized]
+    for path in spent:
+        logger.info("Removing the partial save session %s of a committed checkpoint", path)
+    await asyncio.gather(*(backend.remove_tree(p) for p in spent))
+    return spent
 
 
 def all_temporary_paths(root: Any, *, atomicity: str | None = None) -> list[TemporaryPath]:

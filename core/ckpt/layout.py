@@ -27,6 +27,8 @@ __all__ = [
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 #: Commit marker file (Orbax's name).
 COMMIT_SUCCESS_FILE = "commit_success.txt"
+#: ``<path>.partial_save``: the session directory of a partial save (:mod:`ckpt.partial`).
+PARTIAL_SAVE_SUFFIX = ".partial_save"
 #: Names holding this are ckpt's internal names (a strategy's writer or set-aside
 #: directories): never a step name or step prefix.
 RESERVED_INFIX = ".ckpt-"

@@ -60,7 +60,7 @@ from ckpt.checkpointer import ITEM_HANDLERS, check_custom_metadata, occupied, wr
 from ckpt.checkpointer import SaveRequest as _SaveRequest
 from ckpt.cleanup import cleanup_temporary_paths_async
 from ckpt.committed import owner
-from ckpt.layout import unique_token
+from ckpt.layout import PARTIAL_SAVE_SUFFIX, unique_token
 from ckpt.manifest import MANIFEST_FILE, Manifest, read_manifest
 from ckpt.paths import to_path
 from ckpt.registry import Resolution, resolve
@@ -80,7 +80,6 @@ __all__ = [
 logger = logging.getLogger("ckpt")
 
 #: Suffix of the session directory that holds the pieces (Orbax's name).
-PARTIAL_SAVE_SUFFIX = ".partial_save"
 #: Prefix of the pieces' names inside the session directory.
 PIECE_PREFIX = "piece-"
 _PIECE_NAME = re.compile(rf"^{re.escape(PIECE_PREFIX)}\d+-\d+-[0-9a-f]+$")
@@ -407,6 +406,11 @@ async def _commit_copy(
             committed = True  # cannot tell: leave the temporary for cleanup
         if not committed:
             await tmp.discard()
+        else:  # committed, not durable: the session is spent all the same
+            try:
+                await backend.remove_tree(session)
+            except Exception as exc:
+                logger.warning("Could not remove %s (cleanup will): %r", session, exc)
         raise
     await backend.remove_tree(session)
 

@@ -16,6 +16,8 @@ from ckpt_conformance import BackendConformance
 
 
 class _GCSConformance(BackendConformance):
+    fault_sample = 2  # faults at the first and the last call (see faults.py)
+
     bucket = ""
 
     @pytest.fixture

@@ -10,6 +10,8 @@ from ckpt_conformance import BackendConformance
 
 
 class TestS3Conformance(BackendConformance):
+    fault_sample = 2  # faults at the first and the last call (see faults.py)
+
     @pytest.fixture
     def ckpt_root(self, s3_root: str) -> str:
         return s3_root
