@@ -727,20 +727,34 @@ async def _write_array(
         return out
 
     computing = asyncio.ensure_future(asyncio.to_thread(checksums))
+    if item.partial:
+        writes = [
+            store[index].write(view, can_reference_source_data_indefinitely=True)
+            for index, view in pieces
+        ]
+    else:
+        writes = [store.write(data, can_reference_source_data_indefinitely=True)]
     try:
-        if item.partial:
-            await asyncio.gather(
-                *(
-                    store[index].write(view, can_reference_source_data_indefinitely=True)
-                    for index, view in pieces
-                )
-            )
-        else:
-            await store.write(data, can_reference_source_data_indefinitely=True)
+        await asyncio.gather(*writes)
+    except BaseException:
+        # tensorstore goes on writing in its own threads when the awaiting task is
+        # cancelled or a sibling fails: wait until it has stopped, so that nothing lands
+        # in a temporary the caller is about to discard.
+        await asyncio.shield(asyncio.to_thread(_settle, writes))
+        raise
     finally:
         chunk_records = await computing
     records.update({f"{item.subpath}/{k}": r for k, r in chunk_records.items()})
     return records
+
+
+def _settle(futures: list[Any]) -> None:
+    """Block until every tensorstore future in ``futures`` is done (errors ignored)."""
+    for future in futures:
+        try:
+            future.result()
+        except BaseException:
+            pass
 
 
 def _leaf_bytes(data: Any) -> np.ndarray:
