@@ -52,7 +52,7 @@ RAW_R = "raw read (8 threads)"
 OB_RESTORE = "orbax restore"
 
 
-def _no_checksums(data: np.ndarray, chunks: tuple[int, ...]) -> dict[str, Any]:
+def _no_checksums(data: np.ndarray, chunks: tuple[int, ...], origin: Any = None) -> dict[str, Any]:
     return {}
 
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-orbax", action="store_true")
     args = parser.parse_args(argv)
     tree = make_tree(args.mb, args.arrays)
-    root = Path(tempfile.mkdtemp(prefix="ckpt-bench-integrity-", dir=args.dir or "."))
+    root = Path(tempfile.mkdtemp(prefix="ckpt-bench-integrity-", dir=args.dir or ".")).resolve()
     try:
         bench = Bench(root, tree, orbax=not args.no_orbax)
         bench.run(0)  # warm-up, not counted
