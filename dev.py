@@ -75,9 +75,13 @@ def lock() -> int:
     return subprocess.run([_uv(), "lock", "--upgrade"], cwd=ROOT, env=_uv_env()).returncode
 
 
-def run(cmd: list[str]) -> int:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env["VIRTUAL_ENV"] = str(VENV)
+def run(cmd: list[str], *, activate: bool = True) -> int:
+    """Run ``cmd`` in the repository; with ``activate``, .venv/bin first on PATH (the demo
+    runs without it, so the commands it suggests are the ones that work in your shell)."""
+    env = dict(os.environ)
+    if activate:
+        env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        env["VIRTUAL_ENV"] = str(VENV)
     env.setdefault("JAX_PLATFORMS", "cpu")
     # gcsfs's experimental HNS path probes a gRPC API the GCS emulator lacks (~60 s per call).
     env.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -92,7 +96,7 @@ def main(argv: list[str]) -> int:
         return lock()
     ensure_env()
     if argv[0] == "demo":
-        return run([str(BIN / "ckpt"), "demo", *argv[1:]])
+        return run([str(BIN / "ckpt"), "demo", *argv[1:]], activate=False)
     for check in (
         [str(BIN / "ruff"), "check", "."],
         [str(BIN / "mypy"), "core", "plugins", "backends/local", "conformance_tests",
