@@ -871,7 +871,7 @@ class GCSBucketBackend(GCSBackend):
         """``server_side`` (default): one recursive listing of ``src``, then an object
         rewrite (``rewriteTo``) per object, done by GCS: no byte passes through the client."""
         if method == "read_write":
-            return await super().copy_tree(src, dst, method=method)
+            return await Backend.copy_tree(self, src, dst, method=method)
         if method not in (None, "server_side"):
             raise ValueError(
                 f"Unknown copy method {method!r} on {self.describe()}; "
