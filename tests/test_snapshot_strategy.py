@@ -212,7 +212,10 @@ def _reflink_dir(tmp_path: Path) -> Path | None:
 def test_ficlone_on_a_reflink_filesystem(tmp_path: Path) -> None:
     mount = _reflink_dir(tmp_path)
     if mount is None:
-        pytest.skip("no reflink-capable filesystem can be made here (needs root, mkfs.xfs, loop)")
+        pytest.skip(
+            "no reflink-capable filesystem can be made here: needs root, mkfs.xfs (xfsprogs) "
+            "and a loop mount"
+        )
     try:
         (mount / "src").mkdir()
         (mount / "src" / "x").write_bytes(os.urandom(1 << 20))
