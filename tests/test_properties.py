@@ -175,6 +175,9 @@ class CheckpointModel(RuleBasedStateMachine):
         #: The model: committed steps, temporaries left behind, the save held at its commit.
         self.committed: set[int] = set()
         self.leftovers = 0
+        #: commit_file: steps whose final directory a crash at the marker left empty (one
+        #: of the leftovers): a later commit of the step uses it, a failed one drops it.
+        self.empty_finals: set[int] = set()
         self.pending: int | None = None
         self.manager = self._open()
 
@@ -207,7 +210,13 @@ class CheckpointModel(RuleBasedStateMachine):
         """Whether the manager starts a save of ``step`` (else: refused or skipped)."""
         return step not in self.committed and (not self.committed or step > max(self.committed))
 
+    def _empty_final_gone(self, step: int) -> None:
+        if step in self.empty_finals:
+            self.empty_finals.discard(step)
+            self.leftovers -= 1
+
     def _retain(self, step: int) -> None:
+        self._empty_final_gone(step)  # the empty step directory is the checkpoint now
         self.committed.add(step)
         self.committed = set(sorted(self.committed)[-MAX_TO_KEEP:])
 
@@ -250,10 +259,16 @@ class CheckpointModel(RuleBasedStateMachine):
                 self.manager.wait_until_finished()
         finally:
             self.backend.fail_on.clear()
+        at_marker = (
+            key == self._key(COMMIT_KEY[self.strategy], step) and self.strategy == "commit_file"
+        )
         if leave_temporary:
             self.leftovers += 1
-            if key == self._key(COMMIT_KEY[self.strategy], step) and self.strategy == "commit_file":
+            if at_marker and step not in self.empty_finals:
                 self.leftovers += 1  # and the empty step directory made for the marker
+                self.empty_finals.add(step)
+        elif at_marker:
+            self._empty_final_gone(step)  # the failed commit dropped it
 
     @rule(data=st.data(), crash=st.booleans())
     def save_then_finalize(self, data: st.DataObject, crash: bool) -> None:
@@ -274,6 +289,7 @@ class CheckpointModel(RuleBasedStateMachine):
             if crash:
                 with pytest.raises(Injected):
                     self.manager.wait_until_finished()
+                self._empty_final_gone(step)  # the failed commit dropped it
             else:
                 self.manager.wait_until_finished()
                 self._retain(step)
@@ -295,6 +311,7 @@ class CheckpointModel(RuleBasedStateMachine):
     def cleanup(self) -> None:
         ckpt.cleanup_temporary_paths(self.root, atomicity=self.strategy)
         self.leftovers = 0
+        self.empty_finals.clear()
 
     @rule()
     def restart(self) -> None:
@@ -302,6 +319,7 @@ class CheckpointModel(RuleBasedStateMachine):
         self.manager.close()
         self.manager = self._open()
         self.leftovers = 0
+        self.empty_finals.clear()
 
     @precondition(lambda self: bool(self.committed))
     @rule(data=st.data())
@@ -327,6 +345,8 @@ class CheckpointModel(RuleBasedStateMachine):
         # A save held at its commit has its temporary; under commit_file also the still
         # empty step directory its marker goes into (an empty leftover to cleanup).
         per_pending = 2 if self.strategy == "commit_file" else 1
+        if self.pending in self.empty_finals:
+            per_pending -= 1  # its step directory is already counted among the leftovers
         assert len(temporaries) == self.leftovers + per_pending * (self.pending is not None)
         for tmp in temporaries:
             assert tmp.get().parent.parent == ckpt.registry.to_path(self.root) or (

@@ -235,6 +235,13 @@ class InstrumentedBackend(Backend):
         await self.after("modified_ns", path)
         return result
 
+    def copy_methods(self) -> list[str]:
+        return self.inner.copy_methods()
+
+    async def copy_tree(self, src: UPath, dst: UPath, *, method: str | None = None) -> str:
+        await self.hook("copy_tree", dst)
+        return await self.inner.copy_tree(src, dst, method=method)
+
     async def apply_dir_mode(self, path: UPath, mode: int) -> None:
         await self.hook("apply_dir_mode", path)
         await self.inner.apply_dir_mode(path, mode)

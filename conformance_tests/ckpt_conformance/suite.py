@@ -351,6 +351,94 @@ class BackendConformance(IntegrityConformance, FaultConformance, RaceConformance
         steps = ckpt.checkpoint_steps(root, atomicity=strategy)
         assert steps == list(range(counting.calls + 1))
 
+    # -- copy primitive and snapshots --------------------------------------------------------------
+    def test_copy_tree_every_method(self, root: str, backend: ckpt.Backend, raw: _Raw) -> None:
+        b = backend.bind(ckpt.registry.to_path(root))
+        files = {"a.bin": os.urandom(3000), "sub/b.bin": b"b" * 10, "sub/deeper/c": b""}
+        src = ckpt.registry.to_path(_join(root, "src"))
+        for rel, data in files.items():
+            _sync.run(b.write_bytes(src / rel, data))
+        methods = b.copy_methods()
+        assert methods[-1] == "read_write"
+        for method in methods:
+            dst = ckpt.registry.to_path(_join(root, f"dst-{method}"))
+            used = _sync.run(b.copy_tree(src, dst, method=method))
+            assert used in methods[methods.index(method) :], (method, used)
+            for rel, data in files.items():
+                assert raw.cat(_join(root, f"dst-{method}", rel)) == data, (method, rel)
+            assert _sync.run(b.file_sizes(dst)) == {k: len(v) for k, v in files.items()}
+        with pytest.raises(ValueError, match="available"):
+            _sync.run(b.copy_tree(src, ckpt.registry.to_path(_join(root, "x")), method="nope"))
+
+    @staticmethod
+    def _snapshot_or_skip(backend: ckpt.Backend, root: str) -> Any:
+        b = backend.bind(ckpt.registry.to_path(root))
+        if "snapshot" not in supported_strategies(b):
+            pytest.skip(f"{b.describe()} cannot run the snapshot strategy")
+        return ckpt.get_strategy("snapshot")
+
+    def test_snapshot_in_place_and_empty(self, root: str, backend: ckpt.Backend) -> None:
+        cls = self._snapshot_or_skip(backend, root)
+        final = _join(root, "1")
+        ckpt.Checkpointer("snapshot").save(final, {"v": 1})
+        tmp = cls.from_final(final, snapshot_type="in_place")
+        where = _sync.run(tmp.create())
+        _sync.run(tmp.backend.write_bytes(where / "added.bin", b"added"))
+        _sync.run(tmp.finalize())
+        assert ckpt.Checkpointer("snapshot").restore(final) == {"v": 1}  # manifest checked
+        b = tmp.backend
+        assert _sync.run(b.read_bytes(ckpt.registry.to_path(final) / "added.bin")) == b"added"
+        assert ckpt.checkpoint_steps(root, atomicity="snapshot") == [1]
+        pending = cls.from_final(final, snapshot_type="empty")
+        _sync.run(b.write_bytes(_sync.run(pending.create()) / "p.bin", b"p"))
+        _sync.run(pending.finalize())
+        assert _sync.run(b.read_bytes(pending.published / "p.bin")) == b"p"
+        assert ckpt.all_temporary_paths(root, atomicity="snapshot") == []
+
+    @staticmethod
+    def _snapshot_version(backend: ckpt.Backend, final: str) -> str:
+        """Old or new: the checkpoint restores (files checked against its manifest) and the
+        new one is the old plus ``new.bin``."""
+        assert ckpt.Checkpointer("snapshot").restore(final) == {"v": 1}
+        new_file = ckpt.registry.to_path(final) / "new.bin"
+        return "new" if _sync.run(backend.exists(new_file)) else "old"
+
+    def test_snapshot_fails_at_any_call_keeps_one_committed(
+        self, root: str, backend: ckpt.Backend
+    ) -> None:
+        cls = self._snapshot_or_skip(backend, root)
+        inner = backend.bind(ckpt.registry.to_path(root))
+
+        def change(final: str, failing: _FailNth) -> None:
+            tmp = cls.from_final(final, backend=failing, snapshot_type="in_place")
+            where = _sync.run(tmp.create())
+            _sync.run(inner.write_bytes(where / "new.bin", b"new"))
+            failing.armed = True
+            _sync.run(tmp.finalize())
+
+        counting = _FailNth(inner, 0)
+        ckpt.Checkpointer("snapshot").save(_join(root, "0"), {"v": 1})
+        change(_join(root, "0"), counting)
+        assert counting.calls > 0
+        for n in range(1, counting.calls + 1):
+            final = _join(root, str(n))
+            ckpt.Checkpointer("snapshot").save(final, {"v": 1})
+            failing = _FailNth(inner, n)
+            try:
+                change(final, failing)
+                outcome = {"new"}
+            except ckpt.CommitNotDurableError:
+                outcome = {"new"}
+            except OSError:
+                outcome = {"old", "new"}
+            got = self._snapshot_version(inner, final)
+            assert got in outcome, f"call {n} ({failing.failed}): {got}"
+            ckpt.cleanup_temporary_paths(root, atomicity="snapshot")
+            assert self._snapshot_version(inner, final) == got, f"call {n}"
+            assert ckpt.all_temporary_paths(root, atomicity="snapshot") == []
+        steps = ckpt.checkpoint_steps(root, atomicity="snapshot")
+        assert steps == list(range(counting.calls + 1))
+
     # -- symlinks --------------------------------------------------------------------------------
     def test_symlinks_are_never_temporary(self, root: str, backend: ckpt.Backend) -> None:
         b = backend.bind(ckpt.registry.to_path(root))

@@ -32,7 +32,10 @@ class Capabilities:
             (``renameat2(RENAME_EXCHANGE)`` on Linux); see :meth:`Backend.exchange_dirs`.
         conditional_put: a small object can be created only if absent (exactly one of
             several racing creators succeeds).
-        snapshot: a cheap copy of a tree (copy-on-write, server-side copy).
+        snapshot: :meth:`Backend.copy_tree` copies without passing the bytes through the
+            client: a copy-on-write clone or an in-kernel copy on a filesystem, a
+            server-side copy on an object store. Without it, the copy reads and writes
+            every byte (the default :meth:`Backend.copy_tree`).
         symlinks: the store has symbolic links (which ckpt never follows as checkpoints).
         durable_fsync: data can be flushed to stable storage (fsync) before a commit.
         permissions: created directories take a permission mode.
@@ -238,6 +241,41 @@ class Backend(abc.ABC):
 
         await walk(path, "")
         return out
+
+    def copy_methods(self) -> list[str]:
+        """The copy methods :meth:`copy_tree` accepts here, cheapest first; the first is
+        what it uses by default. ``read_write`` (the portable default) is always last."""
+        return ["read_write"]
+
+    async def copy_tree(self, src: UPath, dst: UPath, *, method: str | None = None) -> str:
+        """Copy every file under directory ``src`` to the same relative path under ``dst``
+        (created; must not hold those files yet). Symbolic links are skipped.
+
+        ``method`` is one of :meth:`copy_methods` (None: the cheapest). Returns the method
+        that was actually used: a backend may fall back to a dearer one at run time (e.g.
+        a filesystem without reflinks), never to a cheaper one. This default reads and
+        writes every file through :meth:`read_bytes` and :meth:`write_bytes`; backends
+        override it with what their store does cheaper (declaring ``snapshot``)."""
+        if method not in (None, "read_write"):
+            raise ValueError(
+                f"Unknown copy method {method!r} on {self.describe()}; "
+                f"available: {', '.join(self.copy_methods())}."
+            )
+        await self.mkdir(dst, parents=True, exist_ok=True)
+
+        async def walk(source: UPath, target: UPath) -> None:
+            for entry in await self.list_dir(source):
+                if entry.is_link:
+                    continue
+                if entry.is_dir:
+                    await self.mkdir(target / entry.name, parents=True, exist_ok=True)
+                    await walk(source / entry.name, target / entry.name)
+                else:
+                    data = await self.read_bytes(source / entry.name)
+                    await self.write_bytes(target / entry.name, data)
+
+        await walk(src, dst)
+        return "read_write"
 
     async def apply_dir_mode(self, path: UPath, mode: int) -> None:
         """Give ``path`` and every directory under it the permission ``mode`` (whatever the

@@ -29,6 +29,7 @@ from ckpt import _progress, _tasks, _timing, multihost, tree_format
 from ckpt._storage_errors import translate
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
+from ckpt.cleanup import repair_async
 from ckpt.committed import owner
 from ckpt.discovery import PathState, path_state_async
 from ckpt.errors import CommitNotDurableError, CorruptCheckpointError
@@ -386,7 +387,11 @@ async def committed_content(resolution: Resolution, final: UPath) -> UPath:
     missing, ValueError if it is not committed."""
     backend = resolution.backend
     if not await backend.exists(final):
-        raise FileNotFoundError(f"Checkpoint at {final} not found.")
+        # A replace interrupted between its steps may have left the checkpoint aside (e.g.
+        # rename's two-rename fallback): the strategies repair it, then it is read.
+        _, repaired = await repair_async(final.parent, backend, resolution.strategy)
+        if final not in repaired and not await backend.exists(final):
+            raise FileNotFoundError(f"Checkpoint at {final} not found.")
     state = await path_state_async(final, resolution.strategy, backend)
     if state is not PathState.FINALIZED:
         why = (

@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "ckpt_backend_local",
     "ckpt_strategies.rename",
     "ckpt_strategies.commit_file",
+    "ckpt_strategies.snapshot",
 )
 
 

@@ -124,6 +124,12 @@ def _leftover(entries: list[Entry]) -> bool:
     return all(not e.is_dir and e.name.startswith(_PARTIAL_MARKER) for e in entries)
 
 
+def _refuse_snapshot(snapshot_type: Any) -> None:
+    """commit_file cannot snapshot (as in Orbax): its writers never start from a copy."""
+    if snapshot_type is not None:
+        raise ValueError("Snapshot is not supported for CommitFileTemporaryPath.")
+
+
 class CommitFileTemporaryPath(TemporaryPath):
     """Writer-unique sibling directory, committed by a conditional marker file."""
 
@@ -144,7 +150,9 @@ class CommitFileTemporaryPath(TemporaryPath):
         *,
         backend: Backend | None = None,
         file_options: FileOptions | None = None,
+        snapshot_type: Any = None,
     ) -> CommitFileTemporaryPath:
+        _refuse_snapshot(snapshot_type)
         final = to_path(final_path)
         if _is_layout_name(final.name):
             raise ValueError(f"Not a valid final checkpoint name: {final}")
@@ -158,7 +166,9 @@ class CommitFileTemporaryPath(TemporaryPath):
         *,
         backend: Backend | None = None,
         file_options: FileOptions | None = None,
+        snapshot_type: Any = None,
     ) -> CommitFileTemporaryPath:
+        _refuse_snapshot(snapshot_type)
         tmp = to_path(temporary_path)
         # An Orbax-style commit-file temporary is the final directory itself.
         final = _final_of(tmp) if is_writer_dir_name(tmp.name) else tmp

@@ -16,7 +16,7 @@ by :meth:`AtomicRenameTemporaryPath.repair` (manager start, cleanup, ``ckpt gc``
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from upath import UPath
 
@@ -50,7 +50,7 @@ class AtomicRenameTemporaryPath(TemporaryPath):
     """Temporary directory renamed to the final name on commit."""
 
     name = "rename"
-    requires = ("atomic_dir_rename",)
+    requires: ClassVar[tuple[str, ...]] = ("atomic_dir_rename",)
     names_are_commit_evidence = True
 
     @classmethod
@@ -239,6 +239,8 @@ class AtomicRenameTemporaryPath(TemporaryPath):
                 await backend.rename_dir(root / entry.name, final)
             except FileExistsError:
                 continue  # a writer committed it meanwhile
+            except FileNotFoundError:
+                continue  # another repairer (a strategy sharing this layout, gc) was first
             names.add(final.name)
             await backend.sync_dir(root)
             repaired.append(final)

@@ -28,13 +28,18 @@ def test_views_per_bucket(gcs_backend: GCSBackend, flat, hns) -> None:
     assert gcs_backend.bind("gs://ckpt-flat/a/b") is flat  # cached per bucket
     assert flat.bind("gs://ckpt-hns/x") is hns  # a view hands other buckets to the root
     assert isinstance(flat, GCSBackend)
-    assert flat.capabilities.names() == ["conditional_put"]
-    assert hns.capabilities.names() == ["atomic_dir_rename", "conditional_put", "folders"]
+    assert flat.capabilities.names() == ["conditional_put", "snapshot"]  # snapshot: rewrite
+    assert hns.capabilities.names() == [
+        "atomic_dir_rename",
+        "conditional_put",
+        "snapshot",
+        "folders",
+    ]
     assert (flat.default_strategy, hns.default_strategy) == ("commit_file", "rename")
     assert not flat.names_decide_commit and not hns.names_decide_commit
     for view in (flat, hns):
         caps = view.capabilities
-        assert not (caps.symlinks or caps.durable_fsync or caps.permissions or caps.snapshot)
+        assert not (caps.symlinks or caps.durable_fsync or caps.permissions)
     with pytest.raises(ValueError, match="serves gs://ckpt-flat only"):
         flat._key(UPath("gs://ckpt-hns/x"))
 

@@ -227,7 +227,7 @@ class S3Backend(Backend):
     capabilities = Capabilities(
         atomic_dir_rename=False,
         conditional_put=True,
-        snapshot=False,
+        snapshot=True,
         symlinks=False,
         durable_fsync=False,
         permissions=False,
@@ -703,6 +703,34 @@ class S3Backend(Backend):
 
     async def file_sizes(self, path: UPath) -> dict[str, int]:
         return await self._io(self._file_sizes(path))
+
+    def copy_methods(self) -> list[str]:
+        return ["server_side", "read_write"]
+
+    async def copy_tree(self, src: UPath, dst: UPath, *, method: str | None = None) -> str:
+        """``server_side`` (default): one recursive LIST of ``src``, then a CopyObject per
+        object (a multipart UploadPartCopy above 5 GB): no byte passes through the client."""
+        if method == "read_write":
+            return await super().copy_tree(src, dst, method=method)
+        if method not in (None, "server_side"):
+            raise ValueError(
+                f"Unknown copy method {method!r} on {self.describe()}; "
+                f"available: {', '.join(self.copy_methods())}."
+            )
+        await self._io(self._copy_tree(src, dst))
+        return "server_side"
+
+    async def _copy_tree(self, src: UPath, dst: UPath) -> None:
+        bucket, key = self._split(src)
+        dst_bucket, dst_key = self._split(dst)
+        names = list(await self._file_sizes(src))
+        semaphore = asyncio.Semaphore(32)
+
+        async def one(rel: str) -> None:
+            async with semaphore:
+                await self.fs._cp_file(f"{bucket}/{key}/{rel}", f"{dst_bucket}/{dst_key}/{rel}")
+
+        await asyncio.gather(*(one(rel) for rel in names))
 
     async def _file_sizes(self, path: UPath) -> dict[str, int]:
         """One recursive LIST (paginated) of everything under ``path``."""

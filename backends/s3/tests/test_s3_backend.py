@@ -26,7 +26,7 @@ def test_registered_for_s3_and_s3a() -> None:
 
 def test_capabilities_and_defaults() -> None:
     caps = S3Backend.capabilities
-    assert caps.names() == ["conditional_put"]
+    assert caps.names() == ["conditional_put", "snapshot"]  # snapshot: CopyObject
     assert S3Backend.default_strategy == "commit_file"
     assert S3Backend.names_decide_commit is True
     assert S3Backend.package == "ckpt-backend-s3"
