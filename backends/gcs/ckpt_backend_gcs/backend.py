@@ -22,6 +22,7 @@ kvstore driver (:meth:`GCSBackend.kvstore_spec`).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import enum
 import errno
 import logging
@@ -415,6 +416,9 @@ class GCSBackend(Backend):
 
     async def file_sizes(self, path: UPath) -> dict[str, int]:
         return await (await self._view(path)).file_sizes(path)
+
+    async def modified_ns(self, path: UPath) -> int | None:
+        return await (await self._view(path)).modified_ns(path)
 
     def copy_methods(self) -> list[str]:
         return ["server_side", "read_write"]
@@ -863,6 +867,26 @@ class GCSBucketBackend(GCSBackend):
             if name.startswith(prefix) and not name.endswith("/"):
                 out[name[len(prefix) :]] = int(item.get("size", 0))
         return out
+
+    async def modified_ns(self, path: UPath) -> int | None:
+        """The newest ``updated`` time of the objects under ``path`` (one listing)."""
+        key = self._key(path)
+        fs = await self._fs()
+        try:
+            items, _ = await fs._do_list_objects(
+                self._obj(key) if key else self.bucket, delimiter=None
+            )
+        except FileNotFoundError:
+            return None
+        newest: int | None = None
+        for item in items:
+            stamp = item.get("updated")
+            if not isinstance(stamp, str):
+                continue
+            when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            ns = int(when.timestamp() * 1e9)
+            newest = ns if newest is None else max(newest, ns)
+        return newest
 
     def copy_methods(self) -> list[str]:
         return ["server_side", "read_write"]

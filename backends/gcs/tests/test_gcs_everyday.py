@@ -71,3 +71,27 @@ def test_missing_array_object_on_restore_is_filenotfounderror(
         ckptr.restore(root / "0")
     assert info.value.errno == errno.ENOENT
     assert str(root / "0") in str(info.value)
+
+
+def test_gc_older_than_judges_by_modification_time(
+    ckpt_config: str, root: UPath, raw_fs: Any
+) -> None:
+    """`ckpt gc --older-than S` spares a temporary written S seconds ago or less, even one
+    whose name carries no time (Orbax's), by the objects' ``updated`` times."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from ckpt.cli import app
+
+    base = str(root).split("://", 1)[1]
+    raw_fs.pipe_file(f"{base}/5.orbax-checkpoint-tmp/data", b"being written")
+    raw_fs.invalidate_cache()
+    backend = ckpt.get_backend(str(root))
+    stamp = ckpt._sync.run(backend.modified_ns(root / "5.orbax-checkpoint-tmp"))
+    assert stamp is not None and abs(stamp - time.time_ns()) < 600 * 10**9
+    spared = CliRunner().invoke(app, ["gc", str(root), "--older-than", "600"])
+    assert spared.exit_code == 0, spared.output
+    assert "sparing 1" in spared.output and "removing" not in spared.output
+    removed = CliRunner().invoke(app, ["gc", str(root)])
+    assert removed.exit_code == 0 and "removed 1" in removed.output, removed.output
