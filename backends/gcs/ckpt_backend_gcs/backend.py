@@ -837,7 +837,8 @@ class GCSBucketBackend(GCSBackend):
             raise FileNotFoundError(errno.ENOENT, "No such object", str(path))
         return int(resource.get("size", 0))
 
-    async def tree_size(self, path: UPath) -> int:
+    async def _objects_under(self, path: UPath) -> list[dict[str, Any]] | None:
+        """Every object under ``path`` (one recursive listing), None if there is none."""
         key = self._key(path)
         fs = await self._fs()
         try:
@@ -845,19 +846,19 @@ class GCSBucketBackend(GCSBackend):
                 self._obj(key) if key else self.bucket, delimiter=None
             )
         except FileNotFoundError:
-            return 0
-        return sum(int(item.get("size", 0)) for item in items)
+            return None
+        return list(items)
+
+    async def tree_size(self, path: UPath) -> int:
+        items = await self._objects_under(path)
+        return sum(int(item.get("size", 0)) for item in items or [])
 
     async def file_sizes(self, path: UPath) -> dict[str, int]:
         """One recursive object listing of everything under ``path``."""
-        key = self._key(path)
-        fs = await self._fs()
-        try:
-            items, _ = await fs._do_list_objects(
-                self._obj(key) if key else self.bucket, delimiter=None
-            )
-        except FileNotFoundError:
+        items = await self._objects_under(path)
+        if items is None:
             return {}
+        key = self._key(path)
         prefix = f"{key}/" if key else ""
         out: dict[str, int] = {}
         for item in items:
@@ -870,13 +871,8 @@ class GCSBucketBackend(GCSBackend):
 
     async def modified_ns(self, path: UPath) -> int | None:
         """The newest ``updated`` time of the objects under ``path`` (one listing)."""
-        key = self._key(path)
-        fs = await self._fs()
-        try:
-            items, _ = await fs._do_list_objects(
-                self._obj(key) if key else self.bucket, delimiter=None
-            )
-        except FileNotFoundError:
+        items = await self._objects_under(path)
+        if items is None:
             return None
         newest: int | None = None
         for item in items:
