@@ -13,6 +13,11 @@ raw (one file per leaf, written and fsynced by 8 threads; read back by 8 threads
 (sync save; async save: blocking and total; restore to numpy; restore to jax), Orbax
 (``StandardCheckpointer`` async save: blocking and total; restore to jax).
 
+The previous release (``--baseline REF``, default :data:`BASELINE`: the code the issue
+measured, before packed leaves) runs the same saves and restores in a subprocess, in the
+same repeats, for the trees in ``--baseline-trees`` (default ``big``), so "loses nothing
+against the previous release" is measured in one run, not across days.
+
 S3 (``--s3``, moto on 127.0.0.1 behind a request-counting proxy): ckpt save and restore with
 their HTTP requests counted, beside tensorstore writing and reading the same bytes as one
 object per leaf (the raw reference on S3).
@@ -20,7 +25,7 @@ object per leaf (the raw reference on S3).
 Usage::
 
     .venv/bin/python benchmarks/bench_many_leaves.py [--trees small,transformer,big]
-        [--repeats 3] [--local] [--s3] [--no-orbax]
+        [--repeats 3] [--local] [--s3] [--no-orbax] [--baseline REF] [--baseline-trees big]
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import argparse
 import asyncio
 import functools
 import gc
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -184,7 +191,7 @@ class Times:
             if tree != current:
                 print(f"\n{tree}")
                 current = tree
-            print(f"  {name:40} {statistics.median(v):8.3f} s   ({min(v):.3f}-{max(v):.3f})")
+            print(f"  {name:52} {statistics.median(v):8.3f} s   ({min(v):.3f}-{max(v):.3f})")
 
 
 def local_run(name: str, tree: Any, root: Path, times: Times, orbax: bool) -> None:
@@ -242,6 +249,79 @@ def local_run(name: str, tree: Any, root: Path, times: Times, orbax: bool) -> No
         shutil.rmtree(p, ignore_errors=True)
 
 
+#: The ckpt the issue about many leaves measured (end of 2026-11-24, before packed leaves).
+BASELINE = "25c6c6d"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def baseline_tree(ref: str) -> Path:
+    """The core, local backend and strategies of ckpt at git ``ref``, extracted (cached)
+    into a directory whose ``core``, ``backends/local`` and ``plugins`` go on PYTHONPATH."""
+    target = Path(tempfile.gettempdir()) / f"ckpt-baseline-{ref}"
+    if not (target / "core" / "ckpt" / "__init__.py").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", ref, "core", "backends/local", "plugins"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def baseline_run(ref: str, name: str, root: Path, times: Times) -> None:
+    """One repeat of ``name`` with ckpt at ``ref`` (a subprocess; see :func:`worker`)."""
+    tree_dir = baseline_tree(ref)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        str(tree_dir / p) for p in ("core", "backends/local", "plugins")
+    )
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", name, "--dir", str(root)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for what, seconds in json.loads(out.splitlines()[-1]).items():
+        times.add(name, f"previous release ({ref}): {what}", seconds)
+
+
+def worker(name: str, root: Path) -> None:
+    """Save and restore tree ``name`` with whatever ``ckpt`` is importable; print the
+    times as one JSON line (run by :func:`baseline_run` with the previous release)."""
+    assert Path(ckpt.__file__).resolve().parents[2] != REPO, "not the previous release"
+    tree = TREES[name]()
+    jax_tree = jax.tree_util.tree_map(jax.numpy.asarray, tree)
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), jax_tree
+    )
+    times = Times()
+    paths = {k: root / f"{name}-previous-{k}" for k in ("sync", "async")}
+    times.timed(name, "save (sync)", lambda: ckpt.Checkpointer().save(paths["sync"], tree))
+    with ckpt.AsyncCheckpointer() as ac:
+        start = time.perf_counter()
+        ac.save(paths["async"], jax_tree)
+        times.add(name, "async save: blocking", time.perf_counter() - start)
+        ac.wait_until_finished()
+        times.add(name, "async save: total", time.perf_counter() - start)
+    for p in paths.values():
+        evict(p)
+    out = times.timed(name, "restore (numpy)", lambda: ckpt.Checkpointer().restore(paths["sync"]))
+    same(out, tree)
+    del out
+    out = times.timed(
+        name,
+        "restore (jax)",
+        lambda: jax.block_until_ready(ckpt.Checkpointer().restore(paths["async"], target)),
+    )
+    same(out, tree)
+    del out
+    for p in paths.values():
+        shutil.rmtree(p, ignore_errors=True)
+    print(json.dumps({what: v[0] for (_, what), v in times.values.items()}))
+
+
 def ratios(times: Times, name: str) -> None:
     def r(a: str, b: str) -> str:
         x, y = times.median(name, a), times.median(name, b)
@@ -255,6 +335,24 @@ def ratios(times: Times, name: str) -> None:
         f"  raw vs ckpt: save {r('raw write+fsync (8 threads)', 'ckpt save (sync)')} of raw,"
         f" restore {r('raw read (8 threads)', 'ckpt restore (numpy)')} of raw (target <= 2x)"
     )
+    previous = sorted(
+        {
+            w.split(":")[0]
+            for t, w in times.values
+            if t == name and ":" in w and w.startswith("previous release")
+        }
+    )
+    for prefix in previous:
+        pairs = [
+            ("save (sync)", "ckpt save (sync)"),
+            ("async save: total", "ckpt async save: total"),
+            ("restore (numpy)", "ckpt restore (numpy)"),
+            ("restore (jax)", "ckpt restore (jax)"),
+        ]
+        print(
+            f"  vs {prefix} (> 1: now faster): "
+            + ", ".join(f"{old} {r(new, f'{prefix}: {old}')}" for old, new in pairs)
+        )
 
 
 async def _ts_put(spec: dict[str, Any], arrays: list[np.ndarray]) -> None:
@@ -319,6 +417,24 @@ def s3_run(names: list[str], repeats: int) -> None:
             out = times.timed(name, "ckpt restore (numpy)", restore)
             requests[(name, "ckpt restore")] = sum(counter.take().values())
             same(out, tree)
+            del out
+            jax_tree = jax.tree_util.tree_map(jax.numpy.asarray, tree)
+            with ckpt.AsyncCheckpointer() as ac:
+                start = time.perf_counter()
+                ac.save(root + "/async", jax_tree)
+                times.add(name, "ckpt async save: blocking", time.perf_counter() - start)
+                ac.wait_until_finished()
+                times.add(name, "ckpt async save: total", time.perf_counter() - start)
+            requests[(name, "ckpt async save")] = sum(counter.take().values())
+            target = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), jax_tree
+            )
+            restore_jax = functools.partial(ckpt.Checkpointer().restore, root + "/async", target)
+            out = times.timed(name, "ckpt restore (jax)", restore_jax)
+            jax.block_until_ready(out)
+            requests[(name, "ckpt restore (jax)")] = sum(counter.take().values())
+            same(out, tree)
+            del out, jax_tree
     print("\n== S3 (moto on loopback, requests counted at the HTTP level)")
     times.show()
     for (name, what), n in requests.items():
@@ -333,7 +449,14 @@ def main() -> None:
     parser.add_argument("--local", action="store_true")
     parser.add_argument("--s3", action="store_true")
     parser.add_argument("--no-orbax", action="store_true")
+    parser.add_argument("--baseline", default=BASELINE, help="git ref of the previous release")
+    parser.add_argument("--baseline-trees", default="big", help="'' for none")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, Path(args.dir))
+        return
+    baseline_names = [n for n in args.baseline_trees.split(",") if n]
     names = [n for n in args.trees.split(",") if n]
     if not (args.local or args.s3):
         args.local = args.s3 = True
@@ -349,6 +472,8 @@ def main() -> None:
                 )
                 for _ in range(args.repeats):
                     local_run(name, tree, root, times, orbax=not args.no_orbax)
+                    if name in baseline_names:
+                        baseline_run(args.baseline, name, root, times)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         print("\n== local disk")

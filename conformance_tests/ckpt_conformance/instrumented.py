@@ -161,6 +161,11 @@ class InstrumentedBackend(Backend):
         await self.inner.write_bytes(path, data)
         await self.after("write_bytes", path)
 
+    async def write_buffers(self, path: UPath, buffers: Sequence[Any]) -> None:
+        await self.hook("write_buffers", path)
+        await self.inner.write_buffers(path, buffers)
+        await self.after("write_buffers", path)
+
     async def create_exclusive(self, path: UPath, data: bytes) -> None:
         await self.hook("create_exclusive", path)
         await self.inner.create_exclusive(path, data)

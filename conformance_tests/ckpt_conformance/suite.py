@@ -125,6 +125,25 @@ class BackendConformance(IntegrityConformance, FaultConformance, RaceConformance
         assert not raw.exists(_join(root, "d", "f one ü.txt"))
         assert not _sync.run(b.exists(base / "d"))
 
+    def test_write_buffers(self, backend: ckpt.Backend, root: str, raw: _Raw) -> None:
+        """``write_buffers`` writes its buffers back to back (bytes, memoryviews, uint8
+        arrays, empty ones, more than IOV_MAX of them) and replaces an existing file."""
+        import numpy as np
+
+        base = ckpt.registry.to_path(root)
+        b = backend.bind(base)
+        big = np.arange(3 << 20, dtype=np.uint32).view(np.uint8)  # 12 MiB
+        buffers: list[Any] = [b"head", b"", memoryview(b"mid"), big, np.zeros(0, np.uint8)]
+        buffers += [bytes([i % 256]) for i in range(1500)]  # more buffers than IOV_MAX
+        want = b"".join(memoryview(x).cast("B") for x in buffers)
+        _sync.run(b.write_buffers(base / "w" / "packed", buffers))
+        assert raw.cat(_join(root, "w", "packed")) == want  # out of band
+        _sync.run(b.write_bytes(base / "w" / "short", b"old contents, longer than the new"))
+        _sync.run(b.write_buffers(base / "w" / "short", [b"ab", np.frombuffer(b"c", np.uint8)]))
+        assert raw.cat(_join(root, "w", "short")) == b"abc"
+        _sync.run(b.write_buffers(base / "w" / "empty", []))
+        assert raw.cat(_join(root, "w", "empty")) == b""
+
     def test_conditional_create(self, backend: ckpt.Backend, root: str, raw: _Raw) -> None:
         base = ckpt.registry.to_path(root)
         b = backend.bind(base)

@@ -148,6 +148,16 @@ class Backend(abc.ABC):
 
         Readers never see a partially written file."""
 
+    async def write_buffers(self, path: UPath, buffers: Sequence[Any]) -> None:
+        """Write a whole file holding ``buffers`` (bytes-like objects: ``bytes``,
+        ``memoryview``, C-contiguous uint8 numpy arrays) one after another, like ``writev``;
+        otherwise as :meth:`write_bytes` (replacing, never seen half-written).
+
+        The default joins them into one ``bytes`` and calls :meth:`write_bytes`. A backend
+        that can write several buffers without joining them (local files: ``os.writev``)
+        overrides it; ckpt writes pack files (many leaves back to back) through it."""
+        await self.write_bytes(path, b"".join(memoryview(b).cast("B") for b in buffers))
+
     async def create_exclusive(self, path: UPath, data: bytes) -> None:
         """Create ``path`` only if absent; ``FileExistsError`` if it exists. Missing parent
         directories are created.

@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from upath import UPath
@@ -27,6 +28,9 @@ from ckpt.backend import Backend, Capabilities, Entry
 from ckpt_backend_local._rename import exchange, rename_noreplace
 
 __all__ = ["LocalBackend"]
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def _p(path: UPath) -> str:
@@ -101,6 +105,9 @@ class LocalBackend(Backend):
     async def write_bytes(self, path: UPath, data: bytes) -> None:
         await asyncio.to_thread(_write_replace, _p(path), data)
 
+    async def write_buffers(self, path: UPath, buffers: Sequence[Any]) -> None:
+        await asyncio.to_thread(_write_replace, _p(path), buffers)
+
     async def create_exclusive(self, path: UPath, data: bytes) -> None:
         await asyncio.to_thread(_write_exclusive, _p(path), data)
 
@@ -171,14 +178,23 @@ class LocalBackend(Backend):
         return {"driver": "file", "path": _p(path).rstrip("/") + "/"}
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, data: bytes | Sequence[Any]) -> None:
+    """Write ``data`` (bytes, or bytes-like buffers one after another), then fsync."""
+    buffers: Sequence[Any] = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+    first = 0
+    while first < len(views):
+        # writev takes at most IOV_MAX buffers and may write less than asked.
+        n = os.writev(fd, views[first : first + _IOV_MAX])
+        while first < len(views) and n >= views[first].nbytes:
+            n -= views[first].nbytes
+            first += 1
+        if n:
+            views[first] = views[first][n:]
     os.fsync(fd)
 
 
-def _write_replace(target: str, data: bytes) -> None:
+def _write_replace(target: str, data: bytes | Sequence[Any]) -> None:
     """Write beside, fsync, rename over: a reader never sees a half-written file."""
     tmp = f"{target}.ckpt-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     fd = _open_creating_parents(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
