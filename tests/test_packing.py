@@ -99,6 +99,39 @@ def test_remote_read_path_reads_each_pack_once(
     assert reads.count("0") == 1, reads  # the one pack file, packed/0
 
 
+@pytest.mark.parametrize("held", [1, 2])
+def test_remote_read_path_holds_a_bounded_number_of_packs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: int
+) -> None:
+    """Without direct local reads, at most PACK_WRITE_CONCURRENCY packs are held at once
+    (read and not yet released), and the restore completes with every leaf exact."""
+    from ckpt_backend_local import LocalBackend
+
+    monkeypatch.setattr(tree_format, "PACK_FILE_BYTES", 4096)
+    tree = {f"x{i}": np.full(300, i, np.float32) for i in range(20)}  # 7 packs
+    ckpt.Checkpointer().save(tmp_path / "1", tree)
+    monkeypatch.setattr(tree_format, "DIRECT_LOCAL_READS", False)
+    monkeypatch.setattr(tree_format, "PACK_WRITE_CONCURRENCY", held)
+    peak = 0
+    real_init = tree_format._PackReader.__init__
+
+    def spying_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        real_load = self._load
+
+        async def load(rel: str) -> Any:
+            nonlocal peak
+            raw = await real_load(rel)
+            peak = max(peak, len(self.holding))
+            return raw
+
+        self._load = load
+
+    monkeypatch.setattr(tree_format._PackReader, "__init__", spying_init)
+    same(ckpt.Checkpointer(backend=LocalBackend()).restore(tmp_path / "1"), tree)
+    assert 1 <= peak <= held
+
+
 def test_partial_saves_with_packs(tmp_path: Path) -> None:
     ckpt.partial.save(tmp_path / "p", {"a": np.arange(5.0), "n": {"x": np.ones(3, np.int8)}})
     ckpt.partial.save(tmp_path / "p", {"b": np.zeros(2)})

@@ -1749,8 +1749,10 @@ def _pread_exact(path: str, buffer: np.ndarray, offset: int) -> None:
 class _PackReader:
     """Reads packed leaves: on local disk each leaf straight from its pack file into its
     output (``os.preadv``); elsewhere each pack file once (one GET), shared by its leaves
-    and dropped when the last one is read. With ``verify_checksums`` every pack's CRC32C
-    is checked before any of its leaves is returned."""
+    and dropped when the last one is read. At most :data:`PACK_WRITE_CONCURRENCY` packs
+    are held at once, so a restore needs the memory of its outputs plus a few packs,
+    whatever the size of the tree. With ``verify_checksums`` every pack's CRC32C is
+    checked before any of its leaves is returned."""
 
     def __init__(
         self,
@@ -1772,6 +1774,8 @@ class _PackReader:
             if "offset" in meta:
                 self.remaining[meta["path"]] = self.remaining.get(meta["path"], 0) + 1
         self.loaded: dict[str, asyncio.Future[bytes | None]] = {}
+        self.held = asyncio.Semaphore(PACK_WRITE_CONCURRENCY)
+        self.holding: set[str] = set()
 
     async def _load(self, rel: str) -> bytes | None:
         """The pack's bytes (None on local disk: leaves are read in place), checked."""
@@ -1780,6 +1784,8 @@ class _PackReader:
             if checks and self.integrity is not None:
                 await self.integrity.verify_files([rel])
             return None
+        await self.held.acquire()  # released when the pack's last leaf is read
+        self.holding.add(rel)
         raw = await self.backend.read_bytes(_subpath(self.directory, rel))
         if checks and self.integrity is not None:
             record = self.integrity.manifest.files.get(rel)
@@ -1824,6 +1830,9 @@ class _PackReader:
             self.remaining[rel] -= 1
             if self.remaining[rel] == 0:
                 self.loaded.pop(rel, None)  # the last leaf of this pack: free its bytes
+                if rel in self.holding:
+                    self.holding.discard(rel)
+                    self.held.release()
 
 
 def _target_sharding(target: Any) -> Any:
