@@ -194,6 +194,17 @@ class Times:
             print(f"  {name:52} {statistics.median(v):8.3f} s   ({min(v):.3f}-{max(v):.3f})")
 
 
+def time_async_save(times: Times, name: str, label: str, path: Any, tree: Any) -> None:
+    """Time ``AsyncCheckpointer.save`` (``<label>: blocking``) and until it is committed
+    (``<label>: total``)."""
+    with ckpt.AsyncCheckpointer() as ac:
+        start = time.perf_counter()
+        ac.save(path, tree)
+        times.add(name, f"{label}: blocking", time.perf_counter() - start)
+        ac.wait_until_finished()
+        times.add(name, f"{label}: total", time.perf_counter() - start)
+
+
 def local_run(name: str, tree: Any, root: Path, times: Times, orbax: bool) -> None:
     jax_tree = jax.tree_util.tree_map(jax.numpy.asarray, tree)
     target = jax.tree_util.tree_map(
@@ -202,12 +213,7 @@ def local_run(name: str, tree: Any, root: Path, times: Times, orbax: bool) -> No
     paths = {k: root / f"{name}-{k}" for k in ("raw", "sync", "async", "orbax")}
     times.timed(name, "raw write+fsync (8 threads)", lambda: raw_write(paths["raw"], tree))
     times.timed(name, "ckpt save (sync)", lambda: ckpt.Checkpointer().save(paths["sync"], tree))
-    with ckpt.AsyncCheckpointer() as ac:
-        start = time.perf_counter()
-        ac.save(paths["async"], jax_tree)
-        times.add(name, "ckpt async save: blocking", time.perf_counter() - start)
-        ac.wait_until_finished()
-        times.add(name, "ckpt async save: total", time.perf_counter() - start)
+    time_async_save(times, name, "ckpt async save", paths["async"], jax_tree)
     if orbax:
         import orbax.checkpoint as ocp
 
@@ -299,12 +305,7 @@ def worker(name: str, root: Path) -> None:
     times = Times()
     paths = {k: root / f"{name}-previous-{k}" for k in ("sync", "async")}
     times.timed(name, "save (sync)", lambda: ckpt.Checkpointer().save(paths["sync"], tree))
-    with ckpt.AsyncCheckpointer() as ac:
-        start = time.perf_counter()
-        ac.save(paths["async"], jax_tree)
-        times.add(name, "async save: blocking", time.perf_counter() - start)
-        ac.wait_until_finished()
-        times.add(name, "async save: total", time.perf_counter() - start)
+    time_async_save(times, name, "async save", paths["async"], jax_tree)
     for p in paths.values():
         evict(p)
     out = times.timed(name, "restore (numpy)", lambda: ckpt.Checkpointer().restore(paths["sync"]))
@@ -419,12 +420,7 @@ def s3_run(names: list[str], repeats: int) -> None:
             same(out, tree)
             del out
             jax_tree = jax.tree_util.tree_map(jax.numpy.asarray, tree)
-            with ckpt.AsyncCheckpointer() as ac:
-                start = time.perf_counter()
-                ac.save(root + "/async", jax_tree)
-                times.add(name, "ckpt async save: blocking", time.perf_counter() - start)
-                ac.wait_until_finished()
-                times.add(name, "ckpt async save: total", time.perf_counter() - start)
+            time_async_save(times, name, "ckpt async save", root + "/async", jax_tree)
             requests[(name, "ckpt async save")] = sum(counter.take().values())
             target = jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), jax_tree
