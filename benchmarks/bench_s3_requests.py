@@ -1,9 +1,9 @@
 """Benchmark: HTTP requests that ckpt sends to S3 for a save and for discovery.
 
-Starts moto on 127.0.0.1 and a small counting reverse proxy in front of it (also on
-127.0.0.1); ckpt's S3 backend, and tensorstore through the backend's kvstore spec, talk to
-the proxy, so every request is counted at the HTTP level, whoever sends it. Prints the
-requests by kind for:
+Starts moto on 127.0.0.1 and a counting reverse proxy in front of it (also on 127.0.0.1:
+``ckpt_conformance.http_faults.FaultProxy``, never armed, with a hook that counts); ckpt's
+S3 backend, and tensorstore through the backend's kvstore spec, talk to the proxy, so every
+request is counted at the HTTP level, whoever sends it. Prints the requests by kind for:
 
 * one small ``commit_file`` save: create, a few small files via ``backend.write_bytes``,
   finalize (target: the data PUTs + at most 3 more);
@@ -15,17 +15,16 @@ Usage::
 
     python benchmarks/bench_s3_requests.py [--steps 1000] [--files 3]
 
-Needs ``moto[s3]``, ``flask``, ``flask-cors``, ``boto3`` and the ``ckpt-backend-s3``
-distribution (``pip install -e backends/s3``). No network beyond loopback; the AWS
-credentials in this process are replaced by dummy ones so none is ever sent anywhere.
+Needs ``moto[s3]``, ``flask``, ``flask-cors``, ``boto3`` and the ``ckpt-backend-s3`` and
+``ckpt-conformance`` distributions (``pip install -e backends/s3 -e conformance_tests``). No
+network beyond loopback; the AWS credentials in this process are replaced by dummy ones so
+none is ever sent anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import http.client
-import http.server
 import os
 import sys
 import tempfile
@@ -37,20 +36,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 _REPO = Path(__file__).resolve().parent.parent
-for _sub in ("core", "backends/local", "backends/s3", "plugins"):
+for _sub in ("core", "backends/local", "backends/s3", "plugins", "conformance_tests"):
     if str(_REPO / _sub) not in sys.path:
         sys.path.append(str(_REPO / _sub))
-
-_HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-}
 
 
 def classify(method: str, target: str, headers: Any) -> str:
@@ -91,74 +79,6 @@ class Counter:
         return out
 
 
-def make_proxy(upstream_port: int, counter: Counter) -> http.server.ThreadingHTTPServer:
-    local = threading.local()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks: list[bytes] = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return b"".join(chunks)
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-            length = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(length) if length else b""
-
-        def _forward(self) -> None:
-            counter.add(classify(self.command, self.path, self.headers))
-            body = self._body()
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            headers.pop("Expect", None)
-            if body or self.command in ("PUT", "POST"):
-                headers["Content-Length"] = str(len(body))
-            for attempt in range(2):
-                conn = getattr(local, "conn", None)
-                if conn is None:
-                    conn = local.conn = http.client.HTTPConnection(
-                        "127.0.0.1", upstream_port, timeout=60
-                    )
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    response = conn.getresponse()
-                    data = response.read()
-                    break
-                except (http.client.HTTPException, OSError):
-                    conn.close()
-                    local.conn = None
-                    if attempt:
-                        raise
-            self.send_response(response.status, response.reason)
-            for key, value in response.getheaders():
-                if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
-                    self.send_header(key, value)
-            if self.command == "HEAD":
-                length = response.getheader("Content-Length")
-                if length is not None:
-                    self.send_header("Content-Length", length)
-                self.end_headers()
-                return
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def show(title: str, counts: collections.Counter[str], note: str = "") -> None:
     total = sum(counts.values())
     print(f"\n{title}: {total} requests" + (f"  ({note})" if note else ""))
@@ -193,9 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     moto.start()
     assert moto._server is not None
     moto_port = moto._server.server_port
+    from ckpt_conformance.http_faults import FaultProxy
+
     counter = Counter()
-    proxy = make_proxy(moto_port, counter)
-    proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    proxy = FaultProxy(
+        f"http://127.0.0.1:{moto_port}",
+        dialect="s3",
+        on_request=lambda method, target, headers: counter.add(classify(method, target, headers)),
+    )
+    proxy_url = proxy.url
     bucket = "ckpt-bench"
     direct = boto3.client(
         "s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1"
@@ -308,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         _sync.run(backend.remove_tree(backend.path(steps_root)))
         show(f"remove_tree of {n} steps ({2 * n} objects)", counter.take())
 
-    proxy.shutdown()
+    proxy.close()
     moto.stop()
 
 

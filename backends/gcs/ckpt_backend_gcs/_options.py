@@ -25,6 +25,9 @@ _KEYS = {
     "'http://host:port' for a plaintext test server",
     "rename_timeout_s": "seconds to wait for a RenameFolder operation (default 120)",
     "rpc_timeout_s": "seconds for one Storage Control call (default 60)",
+    "connect_timeout_s": "seconds to open a connection to the JSON API (default 30)",
+    "read_timeout_s": "seconds without a byte of a JSON API answer before the attempt is "
+    "given up and retried (default 60)",
     "layout": "'auto' (detect per bucket, the default), 'flat' or 'hns'",
 }
 
@@ -44,6 +47,10 @@ class GCSOptions:
     storage_control_endpoint: str | None = None
     rename_timeout_s: float = 120.0
     rpc_timeout_s: float = 60.0
+    #: JSON API requests (gcsfs): a connection not open after ``connect_timeout_s``, or an
+    #: answer silent for ``read_timeout_s`` (a hanging request), is given up and retried.
+    connect_timeout_s: float = 30.0
+    read_timeout_s: float = 60.0
     layout: str = "auto"
     #: True when the JSON API endpoint is not Google's (an emulator).
     emulator: bool = False
@@ -72,7 +79,7 @@ class GCSOptions:
                 f"[backends.gs] layout must be one of {', '.join(LAYOUTS)}, got {layout!r}."
             )
         timeouts = {}
-        for key in ("rename_timeout_s", "rpc_timeout_s"):
+        for key in ("rename_timeout_s", "rpc_timeout_s", "connect_timeout_s", "read_timeout_s"):
             if key in options:
                 value = options[key]
                 if (

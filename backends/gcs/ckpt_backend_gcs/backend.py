@@ -273,10 +273,21 @@ class GCSBackend(Backend):
         """The gcsfs filesystem (async mode) bound to the running loop."""
         clients = self._loop_clients()
         if clients.fs is None:
+            import aiohttp
             from gcsfs.core import DEFAULT_PROJECT, GCSFileSystem  # never gcsfs's HNS path
 
             opts = self._opts
             clients.fs = GCSFileSystem(
+                # gcsfs's default is aiohttp's: 300 s for a whole request, then a plain
+                # TimeoutError that gcsfs does not retry, so a hanging request stalled a save
+                # for 5 minutes and then failed it (and capped any transfer at 5 minutes). A
+                # silent socket is given up after read_timeout_s instead, and gcsfs retries
+                # it; a slow but moving transfer is never cut.
+                requests_timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=opts.connect_timeout_s,
+                    sock_read=opts.read_timeout_s,
+                ),
                 project=opts.project if opts.project is not None else DEFAULT_PROJECT,
                 token=opts.token,
                 endpoint_url=opts.endpoint_url,

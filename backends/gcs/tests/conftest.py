@@ -13,6 +13,11 @@ import os
 # the emulator every operation would then wait ~60 s for a Storage Control API over TLS.
 # ckpt_backend_gcs never uses that code path, but raw gcsfs in these tests would.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+# tensorstore (libcurl) gives up on a transfer that moved under 256 bytes/s for this many
+# seconds (default 60), then retries it. It reads the variable once, when it makes its
+# first HTTP request, hence here, before any test: the HTTP fault tests hang requests and
+# must not wait a minute for each (a healthy local server answers in milliseconds).
+os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", "3")
 
 import uuid
 from collections.abc import Iterator

@@ -142,6 +142,12 @@ def test_options(monkeypatch) -> None:
         GCSOptions.from_mapping({"layout": "zonal"})
     with pytest.raises(ValueError, match="rename_timeout_s"):
         GCSOptions.from_mapping({"rename_timeout_s": 0})
+    assert (opts.connect_timeout_s, opts.read_timeout_s) == (30.0, 60.0)
+    opts = GCSOptions.from_mapping({"connect_timeout_s": 1, "read_timeout_s": 2.5})
+    assert (opts.connect_timeout_s, opts.read_timeout_s) == (1.0, 2.5)
+    for bad in (0, float("inf"), "10", True):
+        with pytest.raises(ValueError, match="read_timeout_s"):
+            GCSOptions.from_mapping({"read_timeout_s": bad})
 
 
 def test_ckpt_backends_lists_both_bucket_layouts(monkeypatch) -> None:  # type: ignore[no-untyped-def]

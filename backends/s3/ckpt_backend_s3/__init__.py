@@ -12,11 +12,12 @@ Every primitive is a coroutine over one :class:`s3fs.S3FileSystem`, run on fsspe
 loop (the loop :mod:`ckpt._sync` uses); listings are never cached.
 
 Configuration comes from ``[backends.s3]`` (``endpoint_url``, ``region``, ``profile``,
-``anon``) and the standard AWS sources (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
-``AWS_REGION``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``~/.aws``). Credentials are never taken
-from ckpt's configuration, never stored on the backend, and never logged or shown in
-``repr``; the tensorstore spec names a credentials *source*, never a secret.
+``anon``, ``connect_timeout_s``, ``read_timeout_s``) and the standard AWS sources
+(``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_DEFAULT_REGION``,
+``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``,
+``~/.aws``). Credentials are never taken from ckpt's configuration, never stored on the
+backend, and never logged or shown in ``repr``; the tensorstore spec names a credentials
+*source*, never a secret.
 
 Stores that keep empty "directories" (SeaweedFS, or folder-marker objects made by consoles)
 are handled: the marker object ``<prefix>/`` counts as an (empty) directory, and
@@ -31,6 +32,7 @@ import dataclasses
 import difflib
 import errno
 import logging
+import math
 import os
 import random
 import threading
@@ -53,7 +55,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Keys accepted in the ``[backends.s3]`` configuration table.
-OPTION_KEYS = ("endpoint_url", "region", "profile", "anon")
+OPTION_KEYS = (
+    "endpoint_url", "region", "profile", "anon", "connect_timeout_s", "read_timeout_s"
+)  # fmt: skip
 #: Keys that look like credentials: refused with a hint, their values never echoed.
 _SECRET_LIKE = ("key", "secret", "token", "password", "credential", "username")
 
@@ -67,6 +71,10 @@ _CONFLICT_ATTEMPTS = 8
 _CREATE_ID = "ckpt-create-id"
 #: Signing region used with a custom endpoint when none is configured.
 _DEFAULT_ENDPOINT_REGION = "us-east-1"
+#: Seconds to open a connection, and to wait for the next byte of an answer, before botocore
+#: gives up on the attempt and retries (s3fs's long-standing defaults).
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_READ_TIMEOUT_S = 15.0
 
 
 # -- settings -------------------------------------------------------------------------
@@ -83,6 +91,9 @@ class S3Settings:
         profile: the AWS profile named in ckpt's configuration (``AWS_PROFILE`` is left to
             botocore, which then still prefers credentials from the environment).
         anon: unsigned requests (public buckets).
+        connect_timeout_s: seconds to open a connection before the attempt is given up.
+        read_timeout_s: seconds without a byte of the answer before the attempt is given up
+            (a hanging request); botocore and s3fs then retry it.
     """
 
     endpoint_url: str | None = None
@@ -90,6 +101,8 @@ class S3Settings:
     region: str | None = None
     profile: str | None = None
     anon: bool = False
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -107,6 +120,21 @@ def _check_str(options: Mapping[str, Any], key: str) -> str | None:
             f"got a {type(value).__name__}."
         )
     return value.strip()
+
+
+def _check_seconds(options: Mapping[str, Any], key: str, default: float) -> float:
+    value = options.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(
+            f"Invalid [backends.s3] option {key!r}: expected a positive number of seconds, "
+            f"got {value!r}."
+        )
+    return float(value)
 
 
 def resolve_settings(
@@ -168,7 +196,13 @@ def resolve_settings(
             f"Invalid [backends.s3] option 'anon': expected true or false, got {anon!r}."
         )
     return S3Settings(
-        endpoint_url=endpoint, endpoint_source=source, region=region, profile=profile, anon=anon
+        endpoint_url=endpoint,
+        endpoint_source=source,
+        region=region,
+        profile=profile,
+        anon=anon,
+        connect_timeout_s=_check_seconds(options, "connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S),
+        read_timeout_s=_check_seconds(options, "read_timeout_s", DEFAULT_READ_TIMEOUT_S),
     )
 
 
@@ -286,6 +320,11 @@ class S3Backend(Backend):
             "use_listings_cache": False,
             # Bound to fsspec's I/O loop, the loop ckpt._sync runs every coroutine on.
             "asynchronous": False,
+            # A hanging request is given up after read_timeout_s, then retried.
+            "config_kwargs": {
+                "connect_timeout": s.connect_timeout_s,
+                "read_timeout": s.read_timeout_s,
+            },
         }
         if s.endpoint_url:
             kwargs["endpoint_url"] = s.endpoint_url

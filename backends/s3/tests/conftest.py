@@ -33,6 +33,12 @@ SECRET_KEY = "ckpt-test-secret-key"
 REGION = "us-east-1"
 SERVERS = ("moto", "seaweedfs")
 
+# tensorstore (libcurl) gives up on a transfer that moved under 256 bytes/s for this many
+# seconds (default 60), then retries it. It reads the variable once, when it makes its
+# first HTTP request, hence here, before any test: the HTTP fault tests hang requests and
+# must not wait a minute for each (a healthy local server answers in milliseconds).
+os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", "3")
+
 
 @dataclasses.dataclass
 class S3Server:

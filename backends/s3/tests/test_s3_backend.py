@@ -70,6 +70,13 @@ def test_settings_sources() -> None:
     ignored = {"AWS_ENDPOINT_URL": "http://h:1", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}
     assert resolve_settings({}, ignored).endpoint_url is None
     assert resolve_settings({"anon": True}, {}).anon is True
+    s = resolve_settings({}, {})
+    assert (s.connect_timeout_s, s.read_timeout_s) == (5.0, 15.0)
+    s = resolve_settings({"connect_timeout_s": 1, "read_timeout_s": 2.5}, {})
+    assert (s.connect_timeout_s, s.read_timeout_s) == (1.0, 2.5)
+    for bad in (0, -1, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="read_timeout_s"):
+            resolve_settings({"read_timeout_s": bad}, {})
 
 
 def test_settings_errors_never_echo_secrets() -> None:
