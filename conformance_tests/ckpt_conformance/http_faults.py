@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import _sync
+from ckpt import _sync, tree_format
 
 __all__ = ["DIALECTS", "MODES", "FaultProxy", "HttpFaultConformance", "ProxiedStore"]
 
@@ -297,10 +297,15 @@ class ProxiedStore:
     root: str
 
 
+#: Packing threshold during these tests (bytes): "w" of :func:`_tree` is above it, so it
+#: is a zarr3 array whose chunks tensorstore writes and reads.
+_PACK_MAX_LEAF_BYTES = 1024
+
+
 def _tree(seed: int) -> dict[str, Any]:
-    # "w" is above ckpt's packing threshold (1 MiB): a zarr3 array written by tensorstore.
-    # "b" is packed with the tree's other small leaves, in a file ckpt's client writes.
-    return {"w": np.full((520, 512), seed, np.float32), "b": np.arange(seed + 3)}
+    # "w" (16 KiB, one chunk) is a zarr3 array written by tensorstore; "b" is packed with the
+    # tree's other small leaves, in a file ckpt's own client writes.
+    return {"w": np.full((4, 64, 16), seed, np.float32), "b": np.arange(seed + 3)}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -360,9 +365,11 @@ class HttpFaultConformance:
     ``CKPT_HTTP_FAULTS_VERBOSE=1`` prints each faulted request and how the save went.
     """
 
-    #: Values of k per strategy and mode, evenly spread from the first request to the last
-    #: (``CKPT_FAULT_ALL_CALLS=1``: every k from 1 to N).
-    http_fault_sample: int = 4
+    #: Values of k per strategy and mode. The modes take turns over positions evenly
+    #: spread from the first request to the last, so with 1 the four modes together fault
+    #: the first request, two in between and the last (``CKPT_FAULT_ALL_CALLS=1``: every
+    #: mode faults every k from 1 to N).
+    http_fault_sample: int = 1
     #: Seconds within which the client must give up on a hanging request.
     http_hang_bound_s: float = 30.0
 
@@ -381,16 +388,22 @@ class HttpFaultConformance:
         if parent is not None:
             parent(metafunc)
 
-    def _ks(self, n: int) -> list[int]:
+    def _ks(self, n: int, mode: str) -> list[int]:
         if os.environ.get("CKPT_FAULT_ALL_CALLS") == "1":
             return list(range(1, n + 1))
-        m = max(self.http_fault_sample, 2)
-        return sorted({1 + round(i * (n - 1) / (m - 1)) for i in range(m)})
+        m = max(self.http_fault_sample * len(MODES), 2)
+        spread = [1 + round(i * (n - 1) / (m - 1)) for i in range(m)]
+        return sorted(set(spread[MODES.index(mode) :: len(MODES)]))
 
     @pytest.mark.parametrize("mode", MODES)
     def test_http_fault_at_every_request(
-        self, http_fault_store: ProxiedStore, http_strategy: str, mode: str
+        self,
+        http_fault_store: ProxiedStore,
+        http_strategy: str,
+        mode: str,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
+        monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", _PACK_MAX_LEAF_BYTES)
         proxy, root, strategy = http_fault_store.proxy, http_fault_store.root, http_strategy
         backend = ckpt.get_backend(root).bind(ckpt.registry.to_path(root))
         works = ckpt.registry.supported_strategies(backend)
@@ -411,7 +424,7 @@ class HttpFaultConformance:
         assert n > 3, f"only {n} requests went through the proxy: is the fixture's root on it?"
         committed[1] = _tree(1)
         injected = 0
-        for step, k in enumerate(self._ks(n), start=2):
+        for step, k in enumerate(self._ks(n, mode), start=2):
             tree = _tree(step)
             proxy.arm(k, mode)
             start = time.monotonic()
@@ -456,7 +469,9 @@ class HttpFaultConformance:
                 plain.save(final(step), tree)  # the next save of the step succeeds
                 assert _same(plain.restore(final(step)), tree), f"{where}: the next save"
             committed[step] = tree
-        assert injected >= len(self._ks(n)) - 1, f"only {injected} faults were injected"
+        assert injected >= max(1, len(self._ks(n, mode)) - 1), (
+            f"only {injected} faults were injected"
+        )
         assert ckpt.checkpoint_steps(root, atomicity=strategy) == sorted(committed)
         for step in (0, 1):  # committed before the first fault, intact after the last
             assert _same(verified.restore(final(step)), _tree(step)), f"step {step} changed"
