@@ -187,3 +187,38 @@ def test_lost_tree_document_with_a_manifest_is_corrupt(tmp_path: Path) -> None:
     (tmp_path / "1/_TREE.json").unlink()
     with pytest.raises(ckpt.CorruptCheckpointError, match=r"_TREE\.json: missing"):
         ckpt.Checkpointer().restore(tmp_path / "1")
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("damage", ["unrecorded", "unrecorded_and_flipped", "unrecorded_and_lost"])
+def test_file_the_tree_needs_but_the_manifest_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, packed: bool, damage: str
+) -> None:
+    """A manifest that does not record a file the tree document needs (hand-edited or
+    damaged) cannot vouch for that file's data: restore (with and without checksums) and
+    ``ckpt verify`` report it as corrupt, naming the file, instead of returning unproven
+    bytes (or, with checksums, failing with a KeyError)."""
+    from ckpt import tree_format
+
+    if not packed:
+        monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", 16)
+    step = tmp_path / "c" / "7"
+    ckpt.Checkpointer().save(step, {"w": np.full((4, 8), 5.0, np.float32), "n": 3})
+    rel = "packed/0" if packed else "arrays/0/c/0/0"
+    doc = json.loads((step / ckpt.MANIFEST_FILE).read_bytes())
+    del doc["files"][rel]
+    (step / ckpt.MANIFEST_FILE).write_text(json.dumps(doc))
+    if damage == "unrecorded_and_flipped":
+        data = bytearray((step / rel).read_bytes())
+        data[0] ^= 0xFF
+        (step / rel).write_bytes(bytes(data))
+    elif damage == "unrecorded_and_lost":
+        (step / rel).unlink()
+    for verify_checksums in (False, True):
+        with pytest.raises(ckpt.CorruptCheckpointError) as info:
+            ckpt.Checkpointer(verify_checksums=verify_checksums).restore(step)
+        assert info.value.file == str(step / rel)
+        assert "not recorded in the manifest" in str(info.value)
+    code, out = verify(step)
+    assert code == 1 and f"CORRUPT {step / rel}" in out, out
+    assert "not recorded in the manifest" in out

@@ -279,3 +279,26 @@ def test_manager_saves_every_leaf_type(tmp_path: Path) -> None:
     same_bits(restored["q"], tree["q"])
     assert jax.random.key_impl(restored["rngs"]["dropout"]) == "threefry2x32"
     assert type(restored["od"]) is collections.OrderedDict and type(restored["pt"]) is Point
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [(np.float64, 1e300), (np.int64, 2**40), (np.uint64, 2**63), (np.complex128, 1e300 + 1j)],
+)
+def test_64_bit_leaf_to_a_jax_target_without_x64_is_refused(
+    ckptr: ckpt.Checkpointer, tmp_path: Path, dtype: Any, value: Any
+) -> None:
+    """With jax's 64-bit mode off (its default), a float64 leaf placed as a jax array would
+    silently become float32 (1e300 -> inf): the restore refuses, naming the leaf and the fix,
+    before reading anything; as numpy, or with 64-bit mode on (also the thread-local
+    ``jax.enable_x64`` around the restore), the values come back exactly."""
+    ckptr.save(tmp_path / "1", {"x": np.array([value, 1], dtype)})
+    target = {"x": jax.ShapeDtypeStruct((2,), dtype)}
+    assert not jax.config.read("jax_enable_x64")
+    with pytest.raises(ValueError, match=r"Leaf 'x'.*64-bit mode is off.*jax_enable_x64"):
+        ckptr.restore(tmp_path / "1", target)
+    assert np.array_equal(ckptr.restore(tmp_path / "1")["x"], np.array([value, 1], dtype))
+    with jax.enable_x64(True):
+        out = ckptr.restore(tmp_path / "1", target)["x"]
+        assert isinstance(out, jax.Array) and out.dtype == dtype
+        assert np.array_equal(np.asarray(out), np.array([value, 1], dtype))

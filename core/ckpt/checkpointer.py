@@ -23,6 +23,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
+import jax
 from upath import UPath
 
 from ckpt import _progress, _tasks, _timing, multihost, tree_format
@@ -339,10 +340,12 @@ async def restore_async(
     target: Any = None,
     *,
     progress: _progress.ProgressCallback | None = None,
+    jax_enable_x64: bool | None = None,
 ) -> Any:
-    """Read the committed checkpoint at ``final`` (see :meth:`Checkpointer.restore`)."""
+    """Read the committed checkpoint at ``final`` (see :meth:`Checkpointer.restore`).
+    ``jax_enable_x64``: jax's 64-bit mode in the caller's thread (None: this thread's)."""
     try:
-        return await _restore(resolution, final, target, progress)
+        return await _restore(resolution, final, target, progress, jax_enable_x64)
     except Exception as exc:
         translated = translate(exc, action="Restoring", path=final, backend=resolution.backend)
         if translated is not exc:
@@ -355,6 +358,7 @@ async def _restore(
     final: UPath,
     target: Any,
     progress: _progress.ProgressCallback | None,
+    jax_enable_x64: bool | None = None,
 ) -> Any:
     content = await committed_content(resolution, final)
     try:
@@ -365,6 +369,7 @@ async def _restore(
             progress=progress,
             verify_checksums=resolution.verify_checksums,
             checkpoint=str(final),
+            jax_enable_x64=jax_enable_x64,
         )
     except FileNotFoundError as exc:
         if not await resolution.backend.exists(content / tree_format.TREE_FILE):
@@ -578,7 +583,8 @@ class Checkpointer:
                 manifest is missing or has another size (or, with ``verify_checksums``,
                 another CRC32C); it names the step, the leaf and the file.
             ValueError: ``path`` is not a committed checkpoint (temporary or unknown), or
-                does not match ``target``.
+                does not match ``target``; or a jax target asks for a 64-bit dtype while
+                jax's 64-bit mode is off (jax would narrow the values silently).
             OSError: the store failed (``PermissionError``, ``FileNotFoundError`` for a
                 missing array file, ...; see :meth:`save`).
         """
@@ -586,7 +592,11 @@ class Checkpointer:
         final, resolution = self._resolve(path)
         logger.info("Restoring checkpoint from %s", final)
         with _progress.byte_progress(f"restoring {final}", _progress.wanted(self._progress)) as bar:
-            result = run_sync(restore_async(resolution, final, target, progress=bar))
+            # jax's 64-bit mode as this thread sees it (``jax.enable_x64`` is thread-local).
+            x64 = bool(jax.config.read("jax_enable_x64"))
+            result = run_sync(
+                restore_async(resolution, final, target, progress=bar, jax_enable_x64=x64)
+            )
         _timing.record_duration(
             "total", time.perf_counter() - start, path=final, prefix=_timing.READ_PREFIX
         )

@@ -320,7 +320,7 @@ def verify(
     Orbax).
     """
     from ckpt import tree_format
-    from ckpt.manifest import MANIFEST_FILE, check_files, read_manifest
+    from ckpt.manifest import MANIFEST_FILE, Problem, check_files, read_manifest
 
     final = to_path(path)
     res = registry.resolve(final, atomicity)
@@ -371,6 +371,19 @@ def verify(
     total = sum(r.size for r in manifest.files.values())
     with _progress.byte_progress(f"verifying {final}", _progress.wanted(None, total)) as bar:
         problems = _sync.run(check_files(res.backend, where, manifest, progress=bar))
+    # Every file the tree document needs must be recorded, or its data is unproven.
+    tree_doc: dict[str, Any] | None = None
+    try:
+        tree_doc = _sync.run(tree_format.tree_metadata(res.backend, where))
+    except FileNotFoundError:
+        pass  # already reported: _TREE.json is recorded in every manifest
+    except ValueError as exc:
+        problems.append(Problem(tree_format.TREE_FILE, "malformed", str(exc)))
+    if tree_doc is not None:
+        problems += tree_format.unrecorded_files(tree_doc, manifest)
+    problems = sorted(
+        {(p.relpath, p.detail): p for p in problems}.values(), key=lambda p: p.relpath
+    )
     if problems:
         for p in problems:
             _io.out.print(

@@ -167,8 +167,8 @@ def _safe_relpath(rel: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One file that does not match the manifest. ``kind``: ``missing``, ``size`` or
-    ``checksum``."""
+    """One file that does not match the manifest. ``kind``: ``missing`` (absent, or not
+    recorded though needed), ``size``, ``checksum`` or ``malformed`` (unreadable)."""
 
     relpath: str
     kind: str

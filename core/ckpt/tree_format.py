@@ -1184,6 +1184,28 @@ def _check_target(
         )
 
 
+def _check_jax_precision(plan: dict[int, Any], leaves: list[dict[str, Any]], x64: bool) -> None:
+    """ValueError if a leaf restored as a jax array would be narrowed by jax (a 64-bit
+    dtype while ``jax_enable_x64`` is off: float64 -> float32 turns 1e300 into inf)."""
+    if x64:
+        return
+    for index, target in plan.items():
+        meta = leaves[index]
+        if meta["kind"] == "prng_key" or not isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
+            continue
+        dtype = _logical_dtype(meta)
+        with jax.enable_x64(False):
+            narrowed = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+        if narrowed != dtype:
+            raise ValueError(
+                f"Leaf {_display(meta['keypath'])!r}: the checkpoint holds {dtype}, but jax's "
+                f"64-bit mode is off, so a jax array of it would be {narrowed} (values "
+                "rounded or wrapped). Turn it on (jax.config.update('jax_enable_x64', True), "
+                "or `with jax.enable_x64(True):` around the restore), or restore this leaf "
+                "as numpy (a numpy target or none)."
+            )
+
+
 def _check_key_target(meta: dict[str, Any], target: Any, where: str) -> None:
     """A PRNG key leaf needs a key target (array or ShapeDtypeStruct) of the same
     implementation and shape, and a key target needs a key leaf."""
@@ -1302,6 +1324,35 @@ def _array_dir_of(relpath: str) -> str | None:
     return None
 
 
+def required_files(doc: dict[str, Any]) -> set[str]:
+    """Every file a (validated) tree document needs, relative to its directory: the
+    document itself, the pack file of each packed leaf, and each zarr array's
+    ``zarr.json`` and chunk files (every chunk is stored, fill values included)."""
+    out = {TREE_FILE}
+    for meta in doc["leaves"]:
+        if meta["kind"] not in _ARRAY_KINDS:
+            continue
+        if "offset" in meta:
+            out.add(meta["path"])
+            continue
+        out.add(f"{meta['path']}/zarr.json")
+        shape, chunks = meta["shape"], meta.get("chunks")
+        if chunks is None or 0 in shape:
+            continue
+        grid = [range(-(-n // c)) for n, c in zip(shape, chunks, strict=True)]
+        out.update(f"{meta['path']}/{_chunk_key(index)}" for index in itertools.product(*grid))
+    return out
+
+
+def unrecorded_files(doc: dict[str, Any], manifest: Manifest) -> list[Problem]:
+    """The files ``doc`` needs that ``manifest`` does not record: such a file's data could
+    not be proven to be what the save wrote (a damaged or hand-edited manifest)."""
+    return [
+        Problem(rel, "missing", "needed by the tree document, not recorded in the manifest")
+        for rel in sorted(required_files(doc) - set(manifest.files))
+    ]
+
+
 class _Integrity:
     """The manifest of the checkpoint being read, and the checks made against it."""
 
@@ -1310,7 +1361,7 @@ class _Integrity:
         backend: Backend,
         directory: UPath,
         manifest: Manifest,
-        leaves: list[dict[str, Any]],
+        doc: dict[str, Any],
         *,
         verify_checksums: bool,
         checkpoint: str,
@@ -1318,8 +1369,10 @@ class _Integrity:
         self.backend = backend
         self.directory = directory
         self.manifest = manifest
+        self.doc = doc
         self.verify_checksums = verify_checksums
         self.checkpoint = checkpoint
+        leaves: list[dict[str, Any]] = doc["leaves"]
         self.keypaths = {
             m["path"]: m["keypath"] for m in leaves if "path" in m and "offset" not in m
         }
@@ -1364,7 +1417,7 @@ class _Integrity:
             backend,
             directory,
             manifest,
-            doc["leaves"],
+            doc,
             verify_checksums=verify_checksums,
             checkpoint=checkpoint,
         )
@@ -1402,6 +1455,7 @@ class _Integrity:
         # The tree document is in memory anyway: its checksum is always checked.
         problem = checksum_problem(TREE_FILE, record, tree_raw)
         problems = [problem] if problem is not None else []
+        problems += unrecorded_files(self.doc, self.manifest)
         found = await self.backend.file_sizes(self.directory)
         problems += [p for p in compare_sizes(self.manifest, found) if p.relpath != TREE_FILE]
         if problems:
@@ -1924,6 +1978,7 @@ async def read(
     progress: Callable[[int, int], None] | None = None,
     verify_checksums: bool = False,
     checkpoint: str | None = None,
+    jax_enable_x64: bool | None = None,
 ) -> Any:
     """Read the tree saved under ``directory``.
 
@@ -1939,6 +1994,8 @@ async def read(
     (one listing of ``directory``); with ``verify_checksums`` the CRC32C of every file is
     checked as well (inline for direct local reads, else in a separate read pass).
     ``checkpoint`` names the checkpoint in errors (default: ``directory``).
+    ``jax_enable_x64`` is jax's 64-bit mode as the caller sees it (``jax.enable_x64`` is
+    thread-local, and this coroutine may run on another thread; None: read it here).
 
     Raises:
         ckpt.CorruptCheckpointError: a recorded file is missing, has another size, or
@@ -1946,7 +2003,9 @@ async def read(
             leaf and the file.
         ValueError: ``target``'s structure, or a leaf's shape, dtype or kind, differs
             from the checkpoint (the message names the leaf path, e.g.
-            ``params/dense/kernel`` or ``layers[2]``), or the metadata is malformed.
+            ``params/dense/kernel`` or ``layers[2]``); a jax target asks for a 64-bit
+            dtype (float64, int64, uint64, complex128) while jax's 64-bit mode is off, so
+            jax would silently narrow the values; or the metadata is malformed.
     """
     tree_raw = await backend.read_bytes(directory / TREE_FILE)
     try:
@@ -1977,8 +2036,10 @@ async def read(
                 ]
             )
     plan: dict[int, Any] = {}
+    x64 = bool(jax.config.read("jax_enable_x64")) if jax_enable_x64 is None else jax_enable_x64
     if target is not None:
         _check_target(doc["structure"], target, leaves, "", plan)
+        _check_jax_precision(plan, leaves, x64)
     context = ts.Context({"file_io_concurrency": {"limit": FILE_IO_CONCURRENCY}})
     array_leaves = [i for i, m in enumerate(leaves) if m["kind"] in _ARRAY_KINDS]
     pool = None
@@ -1988,7 +2049,6 @@ async def read(
         and _local_root(_array_spec(backend, directory, ARRAYS_DIR))
     ):
         pool = ThreadPoolExecutor(FILE_IO_CONCURRENCY, thread_name_prefix="ckpt-read")
-    x64 = bool(jax.config.read("jax_enable_x64"))  # thread-local under ``jax.enable_x64``
 
     def place(array: np.ndarray, i: int) -> Any:
         with jax.enable_x64(x64):
