@@ -649,6 +649,26 @@ def test_deleting_or_replacing_a_symlinked_step_removes_only_the_link(
     assert ckpt.Checkpointer(strategy).restore(outside / "5")["step"] == 3
 
 
+@pytest.mark.parametrize("strategy", ["rename", "commit_file", "snapshot"])
+def test_a_strategys_own_delete_of_a_symlinked_step_removes_only_the_link(
+    tmp_path: Path, strategy: str
+) -> None:
+    """Called directly (not through ``delete_checkpoint``), a strategy's ``delete`` of a
+    name that is a symlink removes the link; it used to remove the commit marker of the
+    checkpoint the link points to first (through the link), uncommitting it."""
+    from ckpt import _sync
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    ckpt.Checkpointer(strategy).save(outside / "5", TREE)
+    before = _files(outside)
+    root.mkdir()
+    (root / "5").symlink_to(outside / "5", target_is_directory=True)
+    cls = ckpt.get_strategy(strategy)
+    _sync.run(cls.delete(ckpt.get_backend(root), to_path(root / "5")))
+    assert not os.path.lexists(root / "5") and _files(outside) == before
+    assert ckpt.checkpoint_steps(outside, atomicity=strategy) == [5]
+
+
 def test_symlinked_root_works(tmp_path: Path) -> None:
     """A root that is itself a symlink is the user's choice: it is followed."""
     real = tmp_path / "real"

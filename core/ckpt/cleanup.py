@@ -73,6 +73,8 @@ async def all_temporary_paths_async(
 
 
 async def remove_temporaries(backend: Backend, temps: list[TemporaryPath]) -> list[UPath]:
+    """Delete the directory of each of ``temps`` (concurrently, logging each); returns the
+    paths removed. The caller has decided they are temporaries (see :func:`scan_root`)."""
     for tmp in temps:
         logger.info("Removing temporary checkpoint %s", tmp.get())
     await asyncio.gather(*(backend.remove_tree(t.get()) for t in temps))

@@ -28,12 +28,18 @@ hookimpl = pluggy.HookimplMarker("ckpt")
 
 
 class RegisterBackend(Protocol):
+    """The ``register`` callable ``register_backends`` receives: register a
+    :class:`ckpt.Backend` subclass for its ``scheme`` (or the given ``schemes``)."""
+
     def __call__(
         self, backend_class: type[Any], *, schemes: tuple[str, ...] | None = None
     ) -> None: ...
 
 
 class RegisterStrategy(Protocol):
+    """The ``register`` callable ``register_strategies`` receives: register a
+    :class:`ckpt.TemporaryPath` subclass under ``name`` (the ``atomicity=`` value)."""
+
     def __call__(self, name: str, strategy_class: type[Any]) -> None: ...
 
 

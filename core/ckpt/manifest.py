@@ -109,6 +109,7 @@ class Manifest:
         self.files[relpath] = FileRecord(len(memoryview(data).cast("B")), crc32c(data))
 
     def add_record(self, relpath: str, record: FileRecord) -> None:
+        """Record the file ``relpath`` with a size and checksum computed elsewhere."""
         self.files[relpath] = record
 
     def merge(self, other: Manifest, prefix: str = "") -> None:
@@ -117,6 +118,7 @@ class Manifest:
             self.files[f"{prefix}/{rel}" if prefix else rel] = record
 
     def to_bytes(self) -> bytes:
+        """The manifest file's contents (compact JSON, files sorted by path)."""
         doc = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

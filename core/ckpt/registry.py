@@ -147,6 +147,9 @@ def resolve(
 
 @dataclass(frozen=True)
 class BackendInfo:
+    """One registered backend as ``ckpt backends`` lists it: its URL ``scheme``, class,
+    declared capabilities, the strategies it can run and the one ``auto`` picks."""
+
     scheme: str
     backend_class: type[Backend]
     capabilities: list[str]

@@ -93,6 +93,7 @@ class NameFormat(Protocol):
 
 
 def step_prefix_with_underscore(step_prefix: str | None) -> str:
+    """``"<prefix>_"``, or ``""`` without a prefix (how step names begin, as in Orbax)."""
     return "" if step_prefix is None else f"{step_prefix}_"
 
 
@@ -251,6 +252,8 @@ def find_step_path(
 def maybe_find_step_metadata(
     base_path: Any, name_format: NameFormat, *, step: int
 ) -> Metadata | None:
+    """The metadata of ``step`` under ``base_path`` by ``name_format``, or None if there is
+    no such committed step (``name_format.find_step`` raises instead)."""
     try:
         return name_format.find_step(base_path, step)
     except ValueError:

@@ -109,4 +109,5 @@ async def read_step_metadata(backend: Backend, directory: UPath) -> StepMetadata
 
 
 async def write_step_metadata(backend: Backend, directory: UPath, metadata: StepMetadata) -> None:
+    """Write ``metadata`` as ``directory``/``_CHECKPOINT_METADATA`` (JSON, replacing)."""
     await backend.write_bytes(directory / METADATA_FILE, metadata.to_json())

@@ -64,6 +64,8 @@ def writer_dir_name(final_name: str, token: str | None = None) -> str:
 
 
 def is_writer_dir_name(name: str) -> bool:
+    """Whether ``name`` is a writer's private directory (``<final name>.ckpt-writer-<token>``,
+    under ``.ckpt-writers``) and not a temporary."""
     return WRITER_DIR_INFIX in name and not is_temporary_name(name)
 
 
@@ -376,6 +378,9 @@ class CommitFileTemporaryPath(TemporaryPath):
 
     @classmethod
     async def delete(cls, backend: Backend, final: UPath) -> None:
+        if await backend.is_link(final):
+            await backend.remove_tree(final)  # the link only, never what it points to
+            return
         writer = await committed_writer(backend, final)
         # Uncommit first: a crash later leaves an unnamed writer directory and an empty
         # final directory, both temporary.

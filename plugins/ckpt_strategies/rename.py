@@ -215,7 +215,10 @@ class AtomicRenameTemporaryPath(TemporaryPath):
 
     @classmethod
     async def delete(cls, backend: Backend, final: UPath) -> None:
-        if await backend.is_link(final) or not await backend.is_dir(final):
+        if await backend.is_link(final):
+            await backend.remove_tree(final)  # the link only, never what it points to
+            return
+        if not await backend.is_dir(final):
             await backend.remove_file(final / COMMIT_SUCCESS_FILE)
             await backend.remove_tree(final)
             return

@@ -365,10 +365,6 @@ class GCSBackend(Backend):
         if session is not None and not session.closed:
             await session.close()
 
-    async def aclose(self) -> None:
-        """Close the clients made for the running loop."""
-        await self._close_loop_clients()
-
     def close(self) -> None:
         """Close the clients made for ckpt's I/O loop (the backend stays usable)."""
         _sync.run(self._close_loop_clients())

@@ -383,9 +383,6 @@ class S3Backend(Backend):
             )
         return bucket, key
 
-    def _url(self, bucket: str, key: str = "") -> str:
-        return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
-
     def _missing_bucket(self, bucket: str, path: Any, exc: BaseException) -> FileNotFoundError:
         err = FileNotFoundError(
             errno.ENOENT,
