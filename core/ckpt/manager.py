@@ -156,11 +156,13 @@ class CheckpointManager:
         deletions of old steps and the cleanup; raise a failed save's error."""
         if self._closed:
             return
-        if isinstance(self._checkpointer, AsyncCheckpointer):
-            self._checkpointer._finish_at_exit()
-        self._wait_for_deletions()
-        if self._cleanup is not None:
-            concurrent.futures.wait([self._cleanup])
+        try:
+            if isinstance(self._checkpointer, AsyncCheckpointer):
+                self._checkpointer._finish_at_exit()
+        finally:
+            self._wait_for_deletions()
+            if self._cleanup is not None:
+                concurrent.futures.wait([self._cleanup])
 
     # -- background work -------------------------------------------------------------------
     def _cleanup_temporaries(self) -> None:
