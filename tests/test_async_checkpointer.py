@@ -112,6 +112,24 @@ def test_error_raised_once_by_wait(tmp_path: Path) -> None:
     ckptr.close()
 
 
+def test_collected_error_is_logged_once_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller gets the error with its traceback; the log only says it happened."""
+    with caplog.at_level("DEBUG", logger="ckpt"):
+        ckptr, _ = _failing(tmp_path)
+        with pytest.raises(OSError, match="injected storage error"):
+            ckptr.wait_until_finished()
+        ckptr.close()
+    failures = [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+    (record,) = failures
+    assert record.exc_info is None
+    message = record.getMessage()
+    assert "\n" not in message and "injected storage error" in message
+    assert "raised by the next call" in message
+
+
 def test_error_raised_once_by_check_for_errors(tmp_path: Path) -> None:
     ckptr, _ = _failing(tmp_path)
     deadline = time.monotonic() + 10

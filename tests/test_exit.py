@@ -118,3 +118,62 @@ def test_exit_hook_is_quiet_when_nothing_is_pending(tmp_path: Path, closed: bool
     )
     assert proc.returncode == 0
     assert proc.stderr == ""
+
+
+def _wait_for_failure(name: str) -> str:
+    """Script lines: wait until the background save of manager ``name`` has failed (its
+    step is dropped from all_steps), then end the script without collecting the error."""
+    return textwrap.dedent(f"""
+        import time
+        deadline = time.monotonic() + 60
+        while {name}.all_steps() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        print("failed before exit", {name}.all_steps(), flush=True)
+        """)
+
+
+def test_save_that_failed_before_exit_exits_non_zero(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where the checkpoint's parent should be")
+    proc = run_script(
+        textwrap.dedent("""
+        import numpy as np, ckpt
+        m = ckpt.CheckpointManager("blocker/run", cleanup_tmp_directories=False)
+        m.save(0, {"w": np.ones(3)})
+        """)
+        + _wait_for_failure("m"),
+        tmp_path,
+    )
+    assert "failed before exit []" in proc.stdout, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "failed and its error was never collected" in proc.stderr
+    assert "blocker" in proc.stderr
+    # Nobody collected it: its traceback is printed (once), after a one-line log record.
+    assert proc.stderr.count("Traceback (most recent call last)") >= 1
+    assert proc.stderr.count("failed (raised by the next call)") == 1
+
+
+def test_save_on_a_read_only_mount_exits_non_zero(tmp_path: Path) -> None:
+    """The reported case: a read-only file system, no close(); the save has failed by the
+    time the script ends."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system needs root (CI runs the tests as root)")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        proc = run_script(
+            textwrap.dedent(f"""
+            import numpy as np, ckpt
+            m = ckpt.CheckpointManager({str(mnt / "run")!r})
+            m.save(50, {{"a": np.ones(3)}})
+            """)
+            + _wait_for_failure("m"),
+            tmp_path,
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+    assert "failed before exit []" in proc.stdout, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "Read-only file system" in proc.stderr

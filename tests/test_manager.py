@@ -274,3 +274,42 @@ def test_bad_arguments(tmp_path: Path) -> None:
         ckpt.CheckpointManager(tmp_path, max_to_keep=0)
     with pytest.raises(ValueError, match="either name_format"):
         ckpt.CheckpointManager(tmp_path, name_format=ckpt.standard_name_format(), step_prefix="x")
+
+
+# -- an empty step directory (a commit_file save killed at its marker, or a stray mkdir) -------
+
+
+@pytest.mark.parametrize("cleanup", [False, True])
+def test_empty_step_directory_is_not_the_latest_step(
+    tmp_path: Path, atomicity: str, cleanup: bool
+) -> None:
+    with ckpt.CheckpointManager(tmp_path, atomicity=atomicity) as mngr:
+        mngr.save(1729, state(1729))
+    (tmp_path / "3000").mkdir()
+    # Every reader agrees with path_state (and `ckpt ls`, `ckpt gc`): not a checkpoint.
+    assert ckpt.path_state(tmp_path / "3000") is ckpt.PathState.TEMPORARY
+    assert ckpt.latest_step_metadata(tmp_path).step == 1729  # type: ignore[union-attr]
+    assert ckpt.checkpoint_steps(tmp_path) == [1729]
+    mngr = ckpt.CheckpointManager(
+        tmp_path, atomicity=atomicity, max_to_keep=2, cleanup_tmp_directories=cleanup
+    )
+    assert mngr.latest_step() == 1729 and mngr.all_steps() == [1729]
+    assert mngr.restore()["step"] == 1729  # a restart after preemption resumes
+    mngr.save(1730, state(1730))
+    mngr.save(1731, state(1731))
+    mngr.close()
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit())
+    assert kept == (["1730", "1731"] if cleanup else ["1730", "1731", "3000"])
+
+
+def test_empty_step_directory_in_the_middle_is_dropped_by_cleanup(
+    tmp_path: Path, atomicity: str
+) -> None:
+    with ckpt.CheckpointManager(tmp_path, atomicity=atomicity) as mngr:
+        mngr.save(1, state(1))
+        mngr.save(3, state(3))
+    (tmp_path / "2").mkdir()
+    with ckpt.CheckpointManager(tmp_path, atomicity=atomicity) as mngr:
+        mngr.wait_until_finished()  # the background cleanup removed it
+        assert mngr.all_steps() == [1, 3]
+        assert not (tmp_path / "2").exists()

@@ -119,6 +119,41 @@ def test_collision(
     assert snapshot(partial_save_path(path)) == before
 
 
+def test_collision_says_how_to_start_over_and_discard_does(
+    tmp_path: Path, atomicity: str
+) -> None:
+    path = tmp_path / "ck"
+    ckpt.partial.save(path, {"a": 1}, atomicity=atomicity)
+    ckpt.partial.save(path, {"a": 2}, atomicity=atomicity)
+    with pytest.raises(FileExistsError) as info:
+        ckpt.partial.finalize(path, atomicity=atomicity)
+    message = str(info.value)
+    assert f"ckpt.partial.discard({str(path)!r})" in message
+    assert str(partial_save_path(path)) in message
+    assert ckpt.partial.discard(path) is True
+    assert not partial_save_path(path).exists()
+    assert ckpt.partial.discard(path) is False  # nothing left
+    ckpt.partial.save(path, {"a": 3}, atomicity=atomicity)  # a fresh session works
+    ckpt.partial.finalize(path, atomicity=atomicity)
+    assert ckpt.Checkpointer(atomicity).restore(path) == {"a": 3}
+
+
+def test_discard_never_removes_a_committed_checkpoint(tmp_path: Path, atomicity: str) -> None:
+    path = tmp_path / "ck"
+    ckpt.partial.save(path, {"a": np.ones(2)}, atomicity=atomicity)
+    ckpt.partial.finalize(path, atomicity=atomicity)
+    assert ckpt.partial.discard(path) is False
+    assert ckpt.partial.discard(partial_save_path(path)) is False
+    assert ckpt.path_state(path, atomicity=atomicity) is ckpt.PathState.FINALIZED
+    assert ckpt.Checkpointer(atomicity).restore(path)["a"].tolist() == [1.0, 1.0]
+    # A checkpoint someone saved under a session's name is not a session: left alone.
+    other = tmp_path / "x.partial_save"
+    ckpt.Checkpointer(atomicity).save(other, {"b": 1})
+    with pytest.raises(ValueError, match="holds no partial save"):
+        ckpt.partial.discard(tmp_path / "x")
+    assert ckpt.Checkpointer(atomicity).restore(other) == {"b": 1}
+
+
 # -- error cases -----------------------------------------------------------------------------
 
 

@@ -11,8 +11,11 @@ import ckpt
 
 
 def _mkdirs(root: Path, names: list[str]) -> None:
+    """Directories holding a file (an empty one is the leftover of an interrupted
+    ``commit_file`` commit: temporary, never a step)."""
     for name in names:
         (root / name).mkdir(parents=True)
+        (root / name / "data").write_bytes(b"x")
 
 
 @pytest.mark.parametrize(

@@ -203,3 +203,26 @@ def test_permission_denied_is_permissionerror(tmp_path: Path) -> None:
     assert "local filesystem" in proc.stdout and str(base / "1") in proc.stdout
     assert "permissions" in proc.stdout
     assert _names(base) == ["0"]
+
+
+def test_message_names_each_path_once(read_only: tuple[Path, Path]) -> None:
+    src, ro = read_only
+    (src / "run").mkdir()  # the step's parent exists: the temporary's mkdir fails
+    with pytest.raises(OSError) as info:
+        ckpt.Checkpointer("rename").save(ro / "run" / "5", SMALL)
+    err = info.value
+    assert err.errno == errno.EROFS and isinstance(err.filename, str)
+    message = str(err)
+    assert message.count(err.filename) == 1, message
+    assert message.count(str(ro / "run" / "5")) == 2, message  # the step; in the file name
+    assert "read-only" in message and "local filesystem" in message
+
+
+def test_corrupt_manifest_message_has_no_double_period(tmp_path: Path) -> None:
+    ckpt.Checkpointer().save(tmp_path / "1", SMALL)
+    (tmp_path / "1" / ckpt.MANIFEST_FILE).write_bytes(b"not json")
+    with pytest.raises(ckpt.CorruptCheckpointError) as info:
+        ckpt.Checkpointer().restore(tmp_path / "1")
+    message = str(info.value)
+    assert ".." not in message.replace(str(tmp_path), ""), message
+    assert "Restore from another step" in message

@@ -10,8 +10,11 @@ hook, registered after that one and so run before it, waits for every live
 :class:`~ckpt.AsyncCheckpointer` and :class:`~ckpt.CheckpointManager`.
 
 A save that fails, or does not finish within its ``timeout_secs`` (plus a grace period), is
-reported on stderr and the process exits with status 1 (``os._exit``: a hung worker thread
-could otherwise never be joined).
+reported on stderr (with its traceback: nobody else will see that error) and the process
+exits with status 1 (``os._exit``: a hung worker thread could otherwise never be joined).
+So does a save that had already failed before the exit and whose error nobody collected
+(no later ``save``, ``wait_until_finished`` or ``close``): a job scheduler never sees
+success for a run whose last checkpoint was not written.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 import weakref
 from typing import Any, Protocol
 
@@ -28,6 +32,11 @@ logger = logging.getLogger("ckpt")
 
 #: Exit status when a background save could not be finished at interpreter exit.
 EXIT_STATUS_ON_FAILURE = 1
+
+
+class UncollectedError(Exception):
+    """Raised (from the save's error) by ``_finish_at_exit`` for a background save that
+    had already failed before the interpreter exit, its error never collected."""
 
 
 class _Finishable(Protocol):
@@ -60,20 +69,25 @@ def register(obj: _Finishable, *, manager: bool = False) -> None:
 
 
 def _finish_all() -> None:
-    failures: list[str] = []
+    failures: list[tuple[str, BaseException]] = []
     for group in (_managers, _checkpointers):
         for obj in list(group):
             try:
                 obj._finish_at_exit()
+            except UncollectedError as exc:
+                error = exc.__cause__ if exc.__cause__ is not None else exc
+                failures.append(
+                    ("an earlier background save failed and its error was never collected", error)
+                )
             except BaseException as exc:  # report every failure, then exit non-zero
-                failures.append(f"{type(exc).__name__}: {exc}")
+                failures.append(
+                    ("a background save could not be finished at interpreter exit", exc)
+                )
     if not failures:
         return
-    for failure in failures:
-        print(
-            f"ckpt: a background save could not be finished at interpreter exit: {failure}",
-            file=sys.stderr,
-        )
+    for what, error in failures:
+        traceback.print_exception(error, file=sys.stderr)
+        print(f"ckpt: {what}: {type(error).__name__}: {error}", file=sys.stderr)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

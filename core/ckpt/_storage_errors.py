@@ -82,10 +82,10 @@ def translate(exc: BaseException, *, action: str, path: Any, backend: Any) -> Ba
         strerror = f"{strerror}: {own}"
     describe = backend.describe() if hasattr(backend, "describe") else str(backend)
     where = filename or str(path)
-    message = (
-        f"{action} {path} failed on the {describe} backend: {strerror} ({where}). "
-        f"{_HINTS[code][0].upper()}{_HINTS[code][1:]}."
-    )
+    # OSError's str() ends with ``: '<filename>'``: the path that failed is named there,
+    # once; the checkpoint's path only if it is another one.
+    subject = action if where == str(path) else f"{action} {path}"
+    message = f"{subject} failed on the {describe} backend; {_HINTS[code]}. {strerror}"
     new = OSError(code, message, where)
     new._ckpt_translated = True  # type: ignore[attr-defined]
     new.__cause__ = exc

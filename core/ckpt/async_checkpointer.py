@@ -14,7 +14,9 @@ printed on stderr and the exit status is 1 (see :mod:`ckpt._exit`).
 
 Errors are never lost: an error in the background is raised, once, by the next call to
 ``save``, ``restore``, ``metadata``, ``wait_until_finished``, ``check_for_errors`` or
-``close``, and it is logged when it happens. A save that does not finish within
+``close``, and it is logged when it happens (one line, no traceback: the error itself
+carries the detail). One that nobody collects is printed with its traceback at exit, and
+the exit status is 1. A save that does not finish within
 ``timeout_secs`` is cancelled, its temporary data is discarded, and a ``TimeoutError``
 explaining what to check is raised the same way.
 """
@@ -24,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,11 @@ def _timeout_error(request: SaveRequest, timeout_secs: float) -> TimeoutError:
         "multihost barrier waits for the missing ones); (4) the host is not starved of "
         "CPU or memory. Raise timeout_secs for very large checkpoints or slow stores."
     )
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (for a log record whose error is raised elsewhere)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 class AsyncCheckpointer(Checkpointer):
@@ -164,7 +170,13 @@ class AsyncCheckpointer(Checkpointer):
             raise
         except BaseException as exc:
             request.prepared = None  # free the snapshot (host or device memory) now
-            logger.error("Background save of %s failed: %r", request.final, exc, exc_info=True)
+            # One line: the error itself is raised to the caller by the next call (or, if
+            # nobody collects it, printed in full at interpreter exit: see ckpt._exit).
+            logger.error(
+                "Background save of %s failed (raised by the next call): %s",
+                request.final,
+                _one_line(exc),
+            )
             if on_failure is not None:
                 on_failure(exc)
             raise
@@ -302,7 +314,8 @@ class AsyncCheckpointer(Checkpointer):
 
     def _finish_at_exit(self) -> None:
         """At interpreter exit (see :mod:`ckpt._exit`): wait for a save in progress and
-        raise its error; report (only) the error of one that already failed."""
+        raise its error; raise :class:`ckpt._exit.UncollectedError` from the error of one
+        that already failed (the process then exits with status 1 either way)."""
         with self._lock:
             future, request = self._future, self._request
         if future is None:
@@ -310,12 +323,8 @@ class AsyncCheckpointer(Checkpointer):
         if future.done():
             try:
                 self._take(wait=False)
-            except BaseException as exc:
-                print(
-                    f"ckpt: an earlier background save failed and its error was never "
-                    f"collected: {type(exc).__name__}: {exc}",
-                    file=sys.stderr,
-                )
+            except BaseException as exc:  # exit status 1, as for a save still running
+                raise _exit.UncollectedError(str(exc)) from exc
             return
         if request is not None:
             logger.info("Interpreter exit: waiting for the background save of %s.", request.final)

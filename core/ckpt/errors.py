@@ -80,8 +80,11 @@ class CorruptCheckpointError(ValueError):
         self.file = file
         where = f" (leaf {leaf!r})" if leaf else ""
         more = f"; {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+        first = problems[0] if problems else "?"
+        if first.endswith("."):
+            first = first[:-1]  # the sentence ends below, with one period
         super().__init__(
-            f"Corrupt checkpoint {checkpoint}{where}: {problems[0] if problems else '?'}"
+            f"Corrupt checkpoint {checkpoint}{where}: {first}"
             f"{more}. Restore from another step; `ckpt verify {checkpoint}` lists every "
             "problem."
         )

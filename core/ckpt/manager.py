@@ -130,6 +130,7 @@ class CheckpointManager:
         self._checkpointer = checkpointer
         self._lock = threading.Lock()
         self._steps: dict[int, UPath] = {}  # committed steps known to this manager
+        self._committed_here: set[int] = set()  # steps this manager committed
         self._pending: tuple[int, UPath] | None = None  # the save in progress
         self._background = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="ckpt-delete"
@@ -155,11 +156,13 @@ class CheckpointManager:
         deletions of old steps and the cleanup; raise a failed save's error."""
         if self._closed:
             return
-        if isinstance(self._checkpointer, AsyncCheckpointer):
-            self._checkpointer._finish_at_exit()
-        self._wait_for_deletions()
-        if self._cleanup is not None:
-            concurrent.futures.wait([self._cleanup])
+        try:
+            if isinstance(self._checkpointer, AsyncCheckpointer):
+                self._checkpointer._finish_at_exit()
+        finally:
+            self._wait_for_deletions()
+            if self._cleanup is not None:
+                concurrent.futures.wait([self._cleanup])
 
     # -- background work -------------------------------------------------------------------
     def _cleanup_temporaries(self) -> None:
@@ -191,6 +194,14 @@ class CheckpointManager:
         except Exception as exc:  # cleanup is best effort; the next manager retries
             logger.warning("Cleanup of temporary checkpoints in %s failed: %r", self.directory, exc)
             return
+        # A step name the listing took for a step but that was a leftover (e.g. an empty
+        # directory: see reload) is gone now: forget it, unless this manager committed a
+        # new checkpoint under that name since.
+        gone = {str(p) for p in removed}
+        with self._lock:
+            for step, path in list(self._steps.items()):
+                if str(path) in gone and step not in self._committed_here:
+                    del self._steps[step]
         if removed:
             logger.info("Removed %d temporary checkpoint(s) in %s.", len(removed), self.directory)
 
@@ -217,6 +228,7 @@ class CheckpointManager:
         """After ``step`` is committed (on the saving thread): record it, retire old steps."""
         with self._lock:
             self._steps[step] = path
+            self._committed_here.add(step)
             if self._pending is not None and self._pending[0] == step:
                 self._pending = None
             doomed: dict[int, UPath] = {}
@@ -257,10 +269,12 @@ class CheckpointManager:
     def reload(self) -> None:
         """Re-read the committed steps from storage (one listing).
 
-        On backends whose listing alone decides commits (``names_decide_commit``), the
-        commit evidence of the latest step is checked (one request); steps without it (a
-        prefix copied without its marker, another writer's save in progress) are dropped
-        until the newest committed one.
+        The latest step is confirmed by the classifier restores use
+        (:func:`ckpt.path_state`: a few checks of that one step); steps above the newest
+        finalized one are dropped: an empty step directory (left by a ``commit_file`` save
+        killed at its commit, or made by hand), a prefix copied without its marker, another
+        writer's save in progress. Such a leftover further down is dropped once the
+        background cleanup has removed it.
 
         With several processes only the primary lists; the others receive its result (so
         N processes cost the store one listing)."""

@@ -9,7 +9,8 @@ produced by several steps of a program::
 
 Until :func:`finalize`, nothing exists at ``path``. Each save only adds keys: two saves
 that write the same leaf (or one a leaf and the other a subtree at the same key) make
-:func:`finalize` fail with ``FileExistsError('File collision on <key> during finalize...')``.
+:func:`finalize` fail with ``FileExistsError('File collision on <key> during finalize...')``;
+nothing is committed, and :func:`discard` removes the session to start over.
 
 Layout on storage (only backend primitives are used, so it works on every backend)::
 
@@ -71,6 +72,7 @@ __all__ = [
     "PARTIAL_SAVE_SUFFIX",
     "PIECE_PREFIX",
     "PartialSaveHandle",
+    "discard",
     "finalize",
     "partial_save_path",
     "save",
@@ -218,6 +220,13 @@ def _collision(keypath: str, first: str, second: str) -> FileExistsError:
     return FileExistsError(
         f"File collision on {keypath!r} during finalize: both partial saves {first} and "
         f"{second} write it. Overwriting is not allowed; a partial save may only add keys."
+    )
+
+
+def _start_over(session: UPath, final: UPath) -> str:
+    return (
+        f" Nothing was committed. To start over, discard the session: "
+        f"ckpt.partial.discard({str(final)!r}) (it removes {session}), then save again."
     )
 
 
@@ -425,7 +434,8 @@ def finalize(path: Any, *, atomicity: str | None = None, backend: Backend | None
 
     Raises:
         FileExistsError: ``path`` already exists, or two partial saves wrote the same key
-            (``File collision on <key> during finalize...``); nothing is changed.
+            (``File collision on <key> during finalize...``); nothing is changed (start
+            over with :func:`discard`).
         FileNotFoundError: there is no partial save of ``path``.
     """
     final, session = _final_and_session(path)
@@ -455,6 +465,47 @@ def finalize(path: Any, *, atomicity: str | None = None, backend: Backend | None
     _finalize_here(final, session, resolution)
 
 
+def discard(path: Any, *, backend: Backend | None = None) -> bool:
+    """Remove the partial save session of ``path`` (``<path>.partial_save`` and every
+    piece in it), to start over, e.g. after a collision made :func:`finalize` fail.
+
+    Only the session directory is removed, never ``path`` itself: a committed checkpoint
+    is untouched. Wait for every :func:`save_async` handle of the session first; with
+    several processes, call it in one.
+
+    Args:
+        path: the final path given to :func:`save` (or its ``.partial_save`` directory).
+        backend: a backend instance to use instead of the registered one.
+
+    Returns:
+        True if a session was removed, False if there was none.
+
+    Raises:
+        ValueError: ``<path>.partial_save`` is a symbolic link, or a directory that is not
+            a partial save session (it holds files but no ``piece-...`` directory); it is
+            left alone.
+    """
+    final, session = _final_and_session(path)
+    storage = backend or resolve(final).backend
+
+    async def run() -> bool:
+        if await storage.is_link(session):
+            raise ValueError(f"{session} is a symbolic link, not a partial save session.")
+        if not await storage.is_dir(session):
+            return False
+        entries = await storage.list_dir(session)
+        if entries and not any(e.name.startswith(PIECE_PREFIX) for e in entries):
+            raise ValueError(
+                f"{session} holds no partial save (no {PIECE_PREFIX}... directory); "
+                "refusing to remove it."
+            )
+        logger.info("Discarding the partial save session %s", session)
+        await storage.remove_tree(session)
+        return True
+
+    return run_sync(run())
+
+
 def _finalize_here(final: UPath, session: UPath, resolution: Resolution) -> None:
     """:func:`finalize` in this process."""
     backend = resolution.backend
@@ -472,7 +523,10 @@ def _finalize_here(final: UPath, session: UPath, resolution: Resolution) -> None
                 f"Partial save path {session} holds no committed partial save (saves still "
                 "running, or interrupted)."
             )
-        _merge_docs([(p.name, p.content.name, p.doc) for p in pieces])  # collisions first
+        try:
+            _merge_docs([(p.name, p.content.name, p.doc) for p in pieces])  # collisions first
+        except FileExistsError as exc:
+            raise FileExistsError(f"{exc}{_start_over(session, final)}") from None
         logger.info("Finalizing %s from %d partial saves.", final, len(pieces))
         adopted = resolution.strategy.adopt(session, final, backend=backend)
         if adopted is not None:

@@ -2,7 +2,9 @@
 
 Discovery lists the base directory once and lets the strategy decide which names are
 committed (no per-step I/O under ``rename``; one batched check under ``commit_file``).
-Paths of found steps are built lazily, only when asked for.
+The latest step (:func:`latest_step_metadata`, ``CheckpointManager``) is then confirmed
+by the classifier restores use (:func:`ckpt.path_state`), so what discovery picks is what
+a restore accepts. Paths of found steps are built lazily, only when asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from upath import UPath
 from ckpt import _sync
 from ckpt.backend import Entry
 from ckpt.cleanup import all_temporary_paths_async
+from ckpt.discovery import PathState, path_state_async
 from ckpt.errors import UnsafePathError
 from ckpt.layout import RESERVED_INFIX, TMP_DIR_SUFFIX, check_safe_name, is_temporary_name
 from ckpt.paths import to_path
@@ -275,20 +278,25 @@ def latest_step_metadata(base_path: Any, name_format: NameFormat | None = None) 
 
 
 def newest_with_evidence(resolution: Any, found: Sequence[Metadata]) -> Metadata | None:
-    """The highest step of ``found`` whose commit evidence exists. Only on backends with
-    ``names_decide_commit`` is it checked (one request for the step chosen, and one more
-    per step skipped); elsewhere discovery has already checked every step."""
+    """The highest step of ``found`` that :func:`ckpt.path_state` finds finalized.
+
+    The listing (``find_all``) decides by names, or by one batched check, what may be a
+    step; the step chosen is then confirmed by the same classifier restores use (a few
+    checks of that one step, and as many more per step skipped). A name without commit
+    evidence, or with a strategy's evidence of a leftover (an empty directory left by an
+    interrupted ``commit_file`` commit or delete, a prefix copied without its marker,
+    another tool's save in progress), is skipped for the newest step that is finalized."""
     for metadata in sorted(found, key=lambda m: m.step, reverse=True):
-        if not resolution.backend.names_decide_commit or has_commit_evidence(
-            resolution, metadata.path
-        ):
+        if has_commit_evidence(resolution, metadata.path):
             return metadata
     return None
 
 
 def has_commit_evidence(resolution: Any, path: UPath) -> bool:
-    """Whether the strategy finds ``path`` committed (one check, never by name alone)."""
-    return bool(_sync.run(resolution.strategy.is_finalized(resolution.backend, path)))
+    """Whether ``path`` is a finalized checkpoint (:func:`ckpt.path_state`: the configured
+    strategy finds it committed and no strategy finds it a leftover of its layout)."""
+    state = _sync.run(path_state_async(path, resolution.strategy, resolution.backend))
+    return state is PathState.FINALIZED
 
 
 def get_save_directory(
@@ -343,7 +351,12 @@ def checkpoint_steps_paths(checkpoint_dir: Any, *, atomicity: str | None = None)
     resolution, entries = _list(base, atomicity)
     candidates = [e for e in entries if _legacy_step_name(e.name)]
     names = _sync.run(resolution.strategy.finalized_names(resolution.backend, base, candidates))
-    return [base / n for n in sorted(names, key=step_from_checkpoint_name)]
+    paths = [base / n for n in sorted(names, key=step_from_checkpoint_name)]
+    # The newest name is confirmed as restores would (see newest_with_evidence); names
+    # above the newest finalized one (an empty leftover directory) are not steps.
+    while paths and not has_commit_evidence(resolution, paths[-1]):
+        paths.pop()
+    return paths
 
 
 def checkpoint_steps(checkpoint_dir: Any, *, atomicity: str | None = None) -> list[int]:
