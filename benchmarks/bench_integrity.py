@@ -38,7 +38,7 @@ import numpy as np
 from bench_local_save import evict, make_tree, raw_read, raw_write
 
 import ckpt
-from ckpt import tree_format
+from ckpt import tree_format, tree_write
 from ckpt.manifest import MANIFEST_FILE
 
 SAVE = "ckpt save (manifest)"
@@ -96,13 +96,13 @@ class Bench:
         self.timed(SAVE, lambda: ckpt.Checkpointer().save(self.path_on, self.tree))
 
     def save_off(self) -> None:
-        real = tree_format._chunk_records
-        tree_format._chunk_records = _no_checksums  # type: ignore[assignment]
+        real = tree_write._chunk_records
+        tree_write._chunk_records = _no_checksums  # type: ignore[assignment]
         try:
             self.path_off = self.fresh("off")
             self.timed(SAVE_OFF, lambda: ckpt.Checkpointer().save(self.path_off, self.tree))
         finally:
-            tree_format._chunk_records = real  # type: ignore[assignment]
+            tree_write._chunk_records = real  # type: ignore[assignment]
         # The same files, claiming no manifest: what a restore of an older checkpoint does.
         doc_path = self.path_off / tree_format.TREE_FILE
         doc = json.loads(doc_path.read_text())

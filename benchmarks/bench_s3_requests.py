@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # 2. A small pytree save through tree_format, inside a commit.
         try:
-            from ckpt import tree_format
+            from ckpt import tree_format, tree_read, tree_snapshot, tree_write
         except ImportError:
             tree_format = None  # type: ignore[assignment]
         if tree_format is not None and hasattr(tree_format, "prepare"):
@@ -182,19 +182,19 @@ def main(argv: list[str] | None = None) -> None:
             tmp = strategy.from_final(f"{root}/tree/1")
             counter.take()
             _sync.run(tmp.create())
-            prepared = tree_format.prepare(tree)
-            _sync.run(tree_format.write(backend, tmp.get() / "state", prepared))
+            prepared = tree_snapshot.prepare(tree)
+            _sync.run(tree_write.write(backend, tmp.get() / "state", prepared))
             _sync.run(tmp.finalize())
             show(
                 "pytree save (2 arrays + 1 scalar) via tree_format, create..finalize",
                 counter.take(),
                 "includes tensorstore's requests",
             )
-            restored: Any = _sync.run(tree_format.read(backend, tmp.get() / "state"))
+            restored: Any = _sync.run(tree_read.read(backend, tmp.get() / "state"))
             assert np.array_equal(restored["params"]["w"], tree["params"]["w"])
             show("pytree read via tree_format", counter.take())
         else:
-            print("\n(ckpt.tree_format.prepare not available: pytree save skipped)")
+            print("\n(ckpt.tree_snapshot.prepare not available: pytree save skipped)")
 
         # 3. Discovery over N committed steps, each with its writer directory, as
         # commit_file leaves them (made directly on moto, not counted).

@@ -69,7 +69,7 @@ def main() -> dict[str, Any]:
     from jax.sharding import PartitionSpec as P
 
     import ckpt
-    from ckpt import multihost, tree_format
+    from ckpt import multihost, tree_write
 
     coordinator = multihost.current()
     mesh = Mesh(np.array(jax.devices()), ("x",))
@@ -87,13 +87,13 @@ def main() -> dict[str, Any]:
 
     if args.scenario in ("save", "kill", "save_async"):
         if args.scenario == "kill" and args.process == 1:
-            real = tree_format.write
+            real = tree_write.write
 
             async def die(*a: Any, **k: Any) -> Any:
                 os.kill(os.getpid(), signal.SIGKILL)
                 return await real(*a, **k)
 
-            tree_format.write = die  # type: ignore[assignment]
+            tree_write.write = die  # type: ignore[assignment]
         tree = global_tree()
         before = coordinator.barriers
         if args.scenario == "save_async":

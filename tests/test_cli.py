@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ckpt
-from ckpt import _sync, tree_format
+from ckpt import _sync, tree_format, tree_snapshot, tree_write
 from ckpt.cli import app
 
 runner = CliRunner()
@@ -26,8 +26,8 @@ def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def _save(final: Path, strategy: str = "rename", tree: object = None) -> None:
     tmp = ckpt.get_strategy(strategy).from_final(final)
     _sync.run(tmp.create())
-    prepared = tree_format.prepare(tree if tree is not None else {"w": np.arange(6.0)})
-    _sync.run(tree_format.write(tmp.backend, tmp.get(), prepared))
+    prepared = tree_snapshot.prepare(tree if tree is not None else {"w": np.arange(6.0)})
+    _sync.run(tree_write.write(tmp.backend, tmp.get(), prepared))
     _sync.run(tmp.finalize())
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import tree_format
+from ckpt import tree_format, tree_read
 
 
 def many_leaves(n: int = 300) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def test_remote_read_path_holds_a_bounded_number_of_packs(
     monkeypatch.setattr(tree_format, "DIRECT_LOCAL_READS", False)
     monkeypatch.setattr(tree_format, "PACK_WRITE_CONCURRENCY", held)
     peak = 0
-    real_init = tree_format._PackReader.__init__
+    real_init = tree_read._PackReader.__init__
 
     def spying_init(self: Any, *args: Any, **kwargs: Any) -> None:
         real_init(self, *args, **kwargs)
@@ -127,7 +127,7 @@ def test_remote_read_path_holds_a_bounded_number_of_packs(
 
         self._load = load
 
-    monkeypatch.setattr(tree_format._PackReader, "__init__", spying_init)
+    monkeypatch.setattr(tree_read._PackReader, "__init__", spying_init)
     same(ckpt.Checkpointer(backend=LocalBackend()).restore(tmp_path / "1"), tree)
     assert 1 <= peak <= held
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import _progress, _sync, tree_format
+from ckpt import _progress, _sync, tree_format, tree_read, tree_snapshot, tree_write
 
 
 def test_tree_format_reports_every_array_byte(
@@ -21,14 +21,14 @@ def test_tree_format_reports_every_array_byte(
     backend = ckpt.get_backend(tmp_path)
     path = ckpt.registry.to_path(tmp_path / "t")
     _sync.run(
-        tree_format.write(
-            backend, path, tree_format.prepare(tree), progress=lambda d, t: calls.append((d, t))
+        tree_write.write(
+            backend, path, tree_snapshot.prepare(tree), progress=lambda d, t: calls.append((d, t))
         )
     )
     assert {t for _, t in calls} == {total_bytes}
     assert sum(d for d, _ in calls) == total_bytes and len(calls) == 3  # start, array, pack
     calls.clear()
-    _sync.run(tree_format.read(backend, path, progress=lambda d, t: calls.append((d, t))))
+    _sync.run(tree_read.read(backend, path, progress=lambda d, t: calls.append((d, t))))
     assert sum(d for d, _ in calls) == total_bytes and {t for _, t in calls} == {total_bytes}
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import tree_format
+from ckpt import tree_format, tree_snapshot, tree_write
 
 
 def _mount(args: list[str]) -> str | None:
@@ -131,7 +131,7 @@ def test_tensorstore_write_errors_are_translated(read_only: tuple[Path, Path]) -
     # ckpt writes zarr.json itself (an OSError already); tensorstore writes the chunks.
     with pytest.raises((ValueError, OSError)) as raw:
         asyncio.run(
-            tree_format.write(backend, ckpt.paths.to_path(ro / "x"), tree_format.prepare(SMALL))
+            tree_write.write(backend, ckpt.paths.to_path(ro / "x"), tree_snapshot.prepare(SMALL))
         )
     err = translate(raw.value, action="Saving", path=ro / "x", backend=backend)
     assert isinstance(err, OSError) and err.errno == errno.EROFS, raw.value

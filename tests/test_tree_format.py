@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from upath import UPath
 
+from ckpt import direct_read, tree_read, tree_snapshot, tree_write
 from ckpt import tree_format as tf
 from ckpt.errors import CorruptCheckpointError
 from ckpt.manifest import MANIFEST_FILE
@@ -43,11 +44,11 @@ def _zarr_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def save(backend: Any, directory: UPath, tree: Any, durable: bool = True) -> None:
-    asyncio.run(tf.write(backend, directory, tf.prepare(tree), durable=durable))
+    asyncio.run(tree_write.write(backend, directory, tree_snapshot.prepare(tree), durable=durable))
 
 
 def load(backend: Any, directory: UPath, target: Any = None) -> Any:
-    return asyncio.run(tf.read(backend, directory, target))
+    return asyncio.run(tree_read.read(backend, directory, target))
 
 
 def roundtrip(backend: Any, directory: UPath, tree: Any, target: Any = None) -> Any:
@@ -204,7 +205,7 @@ def test_zero_d_and_empty_arrays(backend: Any, ckdir: UPath) -> None:
         assert_same_array(out[key], tree[key])
     assert isinstance(out["np_scalar"], np.float16) and out["np_scalar"] == np.float16(1.5)
     assert isinstance(out["np_bool"], np.bool_) and bool(out["np_bool"])
-    assert tf.tree_nbytes(tf.prepare(tree)) == 8 + 1 + 4 + 0 + 0 + 0 + 2 + 1
+    assert tree_snapshot.tree_nbytes(tree_snapshot.prepare(tree)) == 8 + 1 + 4 + 0 + 0 + 0 + 2 + 1
 
 
 def test_odd_keys_are_safe(backend: Any, tmp_path: Path) -> None:
@@ -227,20 +228,20 @@ def test_odd_keys_are_safe(backend: Any, tmp_path: Path) -> None:
 
 def test_non_string_key_refused(backend: Any, ckdir: UPath) -> None:
     with pytest.raises(TypeError, match=r"params/3.*dict keys must be str"):
-        tf.prepare({"params": {3: np.zeros(1)}})
+        tree_snapshot.prepare({"params": {3: np.zeros(1)}})
     with pytest.raises(TypeError, match=r"layers\[1\].*dict keys must be str"):
-        tf.prepare({"layers": [{}, {("a",): 1}]})
+        tree_snapshot.prepare({"layers": [{}, {("a",): 1}]})
 
 
 def test_unsupported_leaves_refused() -> None:
     with pytest.raises(TypeError, match=r"a/b.*unsupported type bytes"):
-        tf.prepare({"a": {"b": b"raw"}})
+        tree_snapshot.prepare({"a": {"b": b"raw"}})
     with pytest.raises(TypeError, match=r"x\[0\].*unsupported type object"):
-        tf.prepare({"x": [object()]})
+        tree_snapshot.prepare({"x": [object()]})
     with pytest.raises(TypeError, match=r"s.*unsupported array dtype"):
-        tf.prepare({"s": np.array(["a", "b"])})
+        tree_snapshot.prepare({"s": np.array(["a", "b"])})
     with pytest.raises(TypeError, match=r"o.*unsupported array dtype"):
-        tf.prepare({"o": np.array([None], dtype=object)})
+        tree_snapshot.prepare({"o": np.array([None], dtype=object)})
 
 
 def test_jax_restore_with_targets(backend: Any, ckdir: UPath) -> None:
@@ -323,11 +324,11 @@ def test_target_mismatch_errors_name_the_leaf(backend: Any, ckdir: UPath) -> Non
 def test_mutation_after_prepare_is_not_written(backend: Any, ckdir: UPath) -> None:
     x = np.arange(10, dtype=np.float32)
     nested = [np.ones(3)]
-    prepared = tf.prepare({"x": x, "nested": nested})
+    prepared = tree_snapshot.prepare({"x": x, "nested": nested})
     x[:] = -1
     nested[0][:] = 7
     nested.append(np.zeros(1))  # changes to the containers do not matter either
-    asyncio.run(tf.write(backend, ckdir, prepared))
+    asyncio.run(tree_write.write(backend, ckdir, prepared))
     out = load(backend, ckdir)
     assert_same_array(out["x"], np.arange(10, dtype=np.float32))
     assert len(out["nested"]) == 1
@@ -337,24 +338,24 @@ def test_mutation_after_prepare_is_not_written(backend: Any, ckdir: UPath) -> No
 def test_jax_arrays_deleted_or_donated_after_prepare(backend: Any, ckdir: UPath) -> None:
     a = jnp.arange(8, dtype=jnp.float32)
     b = jnp.arange(8, dtype=jnp.int32) * 2
-    prepared = tf.prepare({"a": a, "b": b})
+    prepared = tree_snapshot.prepare({"a": a, "b": b})
     a.delete()
     jax.jit(lambda v: v + 1, donate_argnums=0)(b).block_until_ready()
-    asyncio.run(tf.write(backend, ckdir, prepared))
+    asyncio.run(tree_write.write(backend, ckdir, prepared))
     out = load(backend, ckdir)
     assert_same_array(out["a"], np.arange(8, dtype=np.float32))
     assert_same_array(out["b"], np.arange(8, dtype=np.int32) * 2)
     c = jnp.zeros(2)
     c.delete()
     with pytest.raises(ValueError, match=r"'c'.*deleted"):
-        tf.prepare({"c": c})
+        tree_snapshot.prepare({"c": c})
 
 
 def test_metadata_and_nbytes(backend: Any, ckdir: UPath) -> None:
     tree = {"w": np.zeros((4, 8), np.float32), "j": jnp.ones(3, jnp.bfloat16), "n": "x"}
-    prepared = tf.prepare(tree)
-    assert tf.tree_nbytes(prepared) == 4 * 8 * 4 + 3 * 2
-    asyncio.run(tf.write(backend, ckdir, prepared, durable=False))
+    prepared = tree_snapshot.prepare(tree)
+    assert tree_snapshot.tree_nbytes(prepared) == 4 * 8 * 4 + 3 * 2
+    asyncio.run(tree_write.write(backend, ckdir, prepared, durable=False))
     meta = asyncio.run(tf.tree_metadata(backend, ckdir))
     assert meta["format"] == tf.FORMAT_NAME and meta["version"] == tf.FORMAT_VERSION
     assert meta["structure"]["type"] == "dict" and meta["structure"]["keys"] == ["w", "j", "n"]
@@ -440,7 +441,7 @@ def test_malformed_json(backend: Any, ckdir: UPath, content: bytes, match: str) 
     # Without a manifest (with one, any change to the document is corruption: test_integrity)
     (Path(str(ckdir)) / MANIFEST_FILE).unlink()
     (Path(str(ckdir)) / tf.TREE_FILE).write_bytes(content)
-    for call in (tf.tree_metadata(backend, ckdir), tf.read(backend, ckdir)):
+    for call in (tf.tree_metadata(backend, ckdir), tree_read.read(backend, ckdir)):
         with pytest.raises(ValueError, match=match) as info:
             asyncio.run(call)
         assert str(Path(str(ckdir)) / tf.TREE_FILE) in str(info.value)
@@ -459,7 +460,7 @@ def test_array_disagreeing_with_metadata(backend: Any, ckdir: UPath) -> None:
     path.write_text(json.dumps(doc))
     # The manifest records the tree document: an edited one is corrupt.
     with pytest.raises(CorruptCheckpointError, match=r"_TREE\.json: has"):
-        asyncio.run(tf.read(backend, ckdir))
+        asyncio.run(tree_read.read(backend, ckdir))
     # Without a manifest (a checkpoint from before manifests) the arrays are checked.
     del doc["manifest"]
     path.write_text(json.dumps(doc))
@@ -475,7 +476,7 @@ def test_sharded_cpu_arrays(tmp_path: Path) -> None:
         import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from upath import UPath
-        from ckpt import tree_format as tf
+        from ckpt import tree_format as tf, tree_read, tree_snapshot, tree_write
         from ckpt_backend_local import LocalBackend
         backend = LocalBackend()
         mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
@@ -487,10 +488,10 @@ def test_sharded_cpu_arrays(tmp_path: Path) -> None:
         }}
         d = UPath({str(tmp_path / "ck")!r})
         tf.CHUNK_BYTES = 48  # chunks that do not align with the shards
-        asyncio.run(tf.write(backend, d, tf.prepare(tree)))
+        asyncio.run(tree_write.write(backend, d, tree_snapshot.prepare(tree)))
         target = {{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                   for k, v in tree.items()}}
-        out = asyncio.run(tf.read(backend, d, target))
+        out = asyncio.run(tree_read.read(backend, d, target))
         for k, v in out.items():
             assert v.sharding == tree[k].sharding, k
             np.testing.assert_array_equal(np.asarray(v), host)
@@ -509,9 +510,9 @@ def test_sharded_cpu_arrays(tmp_path: Path) -> None:
 
 def test_prepare_without_copy_references_numpy_arrays(backend: Any, ckdir: UPath) -> None:
     x = np.arange(4, dtype=np.int64)
-    prepared = tf.prepare({"x": x}, copy=False)
+    prepared = tree_snapshot.prepare({"x": x}, copy=False)
     x[0] = 42  # visible: the caller promised not to do this before write() returns
-    asyncio.run(tf.write(backend, ckdir, prepared))
+    asyncio.run(tree_write.write(backend, ckdir, prepared))
     assert load(backend, ckdir)["x"].tolist() == [42, 1, 2, 3]
 
 
@@ -538,13 +539,13 @@ def test_accelerator_path_copies_on_device(
     backend: Any, ckdir: UPath, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The non-CPU path (device copy + async host transfer), exercised on CPU."""
-    monkeypatch.setattr(tf, "_is_cpu", lambda x: False)
+    monkeypatch.setattr(tree_snapshot, "_is_cpu", lambda x: False)
     a = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
-    prepared = tf.prepare({"a": a, "b": jnp.ones(3, jnp.bfloat16)})
+    prepared = tree_snapshot.prepare({"a": a, "b": jnp.ones(3, jnp.bfloat16)})
     assert isinstance(prepared.arrays[0].data, jax.Array)
     assert prepared.arrays[0].data is not a
     a.delete()  # the caller donates the original right after save returns
-    asyncio.run(tf.write(backend, ckdir, prepared))
+    asyncio.run(tree_write.write(backend, ckdir, prepared))
     out = load(backend, ckdir)
     assert_same_array(out["a"], np.arange(12, dtype=np.float32).reshape(3, 4))
     assert_same_array(out["b"], np.ones(3, ml_dtypes.bfloat16))
@@ -570,13 +571,13 @@ def test_large_arrays_are_plain_chunks(backend: Any, ckdir: UPath) -> None:
 def direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Paths the direct read opened (the wrapped ``_read_file_into``)."""
     opened: list[str] = []
-    real = tf._read_file_into
+    real = direct_read._read_file_into
 
     def spy(path: str, *args: Any) -> None:
         opened.append(path)
         real(path, *args)
 
-    monkeypatch.setattr(tf, "_read_file_into", spy)
+    monkeypatch.setattr(direct_read, "_read_file_into", spy)
     return opened
 
 
@@ -631,10 +632,10 @@ def test_sharded_arrays_are_read_with_tensorstore(
     def sharded(chunk_shape: list[int]) -> Any:
         return real_layout(write_chunk_shape=chunk_shape, read_chunk_shape=[1] * len(chunk_shape))
 
-    monkeypatch.setattr(tf.ts, "ChunkLayout", sharded)
+    monkeypatch.setattr(tree_write.ts, "ChunkLayout", sharded)
     x = sample(np.float32, (6, 4))
     save(backend, ckdir, {"x": x})
-    monkeypatch.setattr(tf.ts, "ChunkLayout", real_layout)
+    monkeypatch.setattr(tree_write.ts, "ChunkLayout", real_layout)
     as_written_before_manifests(ckdir)
     zarr = json.loads((Path(str(ckdir)) / "arrays/0/zarr.json").read_text())
     assert [c["name"] for c in zarr["codecs"]] == ["sharding_indexed"]
@@ -658,9 +659,9 @@ def test_no_reference_cycles_keep_arrays_alive(backend: Any, ckdir: UPath) -> No
     gc.collect()
     gc.disable()
     try:
-        prepared = tf.prepare({"a": {"x": np.ones(10)}, "b": [np.zeros(3)]})
+        prepared = tree_snapshot.prepare({"a": {"x": np.ones(10)}, "b": [np.zeros(3)]})
         snapshot = weakref.ref(prepared.arrays[0].data)
-        asyncio.run(tf.write(backend, ckdir, prepared))
+        asyncio.run(tree_write.write(backend, ckdir, prepared))
         del prepared
         assert snapshot() is None
         out = load(backend, ckdir)

@@ -2,7 +2,7 @@
 background thread.
 
 The blocking part validates the destination and snapshots the tree
-(:func:`ckpt.tree_format.prepare`: host copies of numpy arrays, device copies of jax
+(:func:`ckpt.tree_snapshot.prepare`: host copies of numpy arrays, device copies of jax
 arrays), so the caller may change or donate its arrays as soon as ``save`` returns.
 Everything that touches storage afterwards runs on one worker thread: creating the
 temporary directory (never on the training thread, so a slow store cannot stall training,
@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckpt import _exit, tree_format
+from ckpt import _exit, tree_snapshot
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.checkpointer import Checkpointer, SaveRequest, write_and_commit
@@ -57,7 +57,7 @@ def _timeout_error(request: SaveRequest, timeout_secs: float) -> TimeoutError:
             "writer's temporary data was discarded (or is left for cleanup)."
         )
     prepared = request.prepared
-    nbytes = f"~{tree_format.tree_nbytes(prepared)}" if prepared is not None else "all the"
+    nbytes = f"~{tree_snapshot.tree_nbytes(prepared)}" if prepared is not None else "all the"
     return TimeoutError(
         f"Asynchronous save of {request.final} did not finish within timeout_secs="
         f"{timeout_secs:g}. {outcome} Things to check: (1) the storage "

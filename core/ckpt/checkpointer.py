@@ -1,6 +1,6 @@
 """``Checkpointer``: save and restore one pytree at a path, atomically, on any backend.
 
-A save snapshots the tree (:func:`ckpt.tree_format.prepare`), asks the configured strategy
+A save snapshots the tree (:func:`ckpt.tree_snapshot.prepare`), asks the configured strategy
 for a writer-unique temporary path, writes the tree there and commits it. Readers never
 see a half-written checkpoint: until the commit, the data lives under a name that every
 discovery function (ckpt's and Orbax's) skips.
@@ -26,7 +26,16 @@ from typing import Any, Self
 import jax
 from upath import UPath
 
-from ckpt import _progress, _tasks, _timing, multihost, tree_format
+from ckpt import (
+    _progress,
+    _tasks,
+    _timing,
+    multihost,
+    tree_format,
+    tree_read,
+    tree_snapshot,
+    tree_write,
+)
 from ckpt._storage_errors import translate
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
@@ -83,7 +92,7 @@ class SaveRequest:
     final: UPath
     resolution: Resolution
     tmp: TemporaryPath
-    prepared: tree_format.PreparedTree | None  # dropped once written, to free memory
+    prepared: tree_snapshot.PreparedTree | None  # dropped once written, to free memory
     force: bool
     #: ``time.perf_counter()`` when ``save`` was called.
     start: float
@@ -161,7 +170,7 @@ async def write_and_commit(request: SaveRequest) -> None:
             assert request.prepared is not None, "a save request is written only once"
             # The strategy stores the manifest (with the step metadata) at finalize.
             tmp.manifest = await _tasks.settled(
-                tree_format.write(
+                tree_write.write(
                     backend,
                     tmp.get(),
                     request.prepared,
@@ -253,7 +262,7 @@ async def _write_and_commit_multiprocess(request: SaveRequest, op: Any) -> None:
     written = Manifest()
     try:
         written = await _tasks.settled(
-            tree_format.write(
+            tree_write.write(
                 backend,
                 where,
                 request.prepared,
@@ -362,7 +371,7 @@ async def _restore(
 ) -> Any:
     content = await committed_content(resolution, final)
     try:
-        return await tree_format.read(
+        return await tree_read.read(
             resolution.backend,
             content,
             target,
@@ -477,7 +486,7 @@ class Checkpointer:
         # Validate the tree before any storage call (an unsavable leaf is a TypeError).
         # A synchronous save writes before returning: no snapshot copy is needed.
         try:
-            prepared = tree_format.prepare(tree, copy=self._snapshot_tree)
+            prepared = tree_snapshot.prepare(tree, copy=self._snapshot_tree)
         except RecursionError:
             raise ValueError(
                 f"Cannot save to {final}: the tree is nested too deeply (more levels of "
@@ -553,7 +562,7 @@ class Checkpointer:
         try:
             request = self._prepare(path, tree, force=force, custom_metadata=custom_metadata)
             assert request.prepared is not None
-            show = _progress.wanted(self._progress, tree_format.tree_nbytes(request.prepared))
+            show = _progress.wanted(self._progress, tree_snapshot.tree_nbytes(request.prepared))
             with _progress.byte_progress(f"saving {request.final}", show) as bar:
                 request.progress = bar
                 run_sync(write_and_commit(request))

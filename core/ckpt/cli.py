@@ -300,7 +300,6 @@ def gc(
     for tmp in temps:
         _io.out.print(f"{'would remove' if dry_run else 'removing'} {tmp.get()}")
     if not dry_run:
-
         _sync.run(remove_temporaries(res.backend, temps))
         _io.out.print(f"removed {len(temps)} temporary checkpoint(s)")
 
@@ -321,6 +320,7 @@ def verify(
     """
     from ckpt import tree_format
     from ckpt.manifest import MANIFEST_FILE, Problem, check_files, read_manifest
+    from ckpt.tree_integrity import unrecorded_files
 
     final = to_path(path)
     res = registry.resolve(final, atomicity)
@@ -380,7 +380,7 @@ def verify(
     except ValueError as exc:
         problems.append(Problem(tree_format.TREE_FILE, "malformed", str(exc)))
     if tree_doc is not None:
-        problems += tree_format.unrecorded_files(tree_doc, manifest)
+        problems += unrecorded_files(tree_doc, manifest)
     problems = sorted(
         {(p.relpath, p.detail): p for p in problems}.values(), key=lambda p: p.relpath
     )

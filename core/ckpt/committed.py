@@ -32,9 +32,7 @@ async def owner(
     return classes[0], final
 
 
-async def content_path(
-    backend: Backend, final: UPath, *, atomicity: str | None = None
-) -> UPath:
+async def content_path(backend: Backend, final: UPath, *, atomicity: str | None = None) -> UPath:
     """Where the files of the committed checkpoint ``final`` are (the final path itself,
     or wherever its strategy's layout puts them)."""
     final = to_path(final)

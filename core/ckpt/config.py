@@ -87,7 +87,7 @@ def _as_name(value: Any, source: str | None) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(
             f"Invalid 'atomicity' in {source}: expected a strategy name (a non-empty string "
-            f"such as \"auto\", \"rename\" or \"commit_file\"), got {value!r}."
+            f'such as "auto", "rename" or "commit_file"), got {value!r}.'
         )
     value = value.strip()
     return AUTO if value.lower() == AUTO else value

@@ -86,9 +86,7 @@ async def scan_root(
             if key not in seen and key not in owned:
                 seen.add(key)
                 temporary.append(tmp)
-    finalized = [
-        n for n in scans[0].finalized if n not in internal and str(root / n) not in seen
-    ]
+    finalized = [n for n in scans[0].finalized if n not in internal and str(root / n) not in seen]
     committed = set(finalized)
     unknown = [
         e.name

@@ -287,9 +287,7 @@ class CheckpointManager:
         if op is None or self._coordinator.is_primary:
             listed = list(self._name_format.find_all(self.directory))
             latest = newest_with_evidence(self._resolution, listed)
-            found = {
-                m.step: m.path for m in listed if latest is not None and m.step <= latest.step
-            }
+            found = {m.step: m.path for m in listed if latest is not None and m.step <= latest.step}
         if op is not None:
             shared = op.broadcast(
                 "steps", json.dumps({str(k): str(v) for k, v in found.items()}).encode()
@@ -398,11 +396,7 @@ class CheckpointManager:
         self._collect()
         self._wait_for_deletions()
         path = self._step_path(int(step))
-        op = (
-            self._coordinator.operation("delete", path)
-            if self._coordinator.multiprocess
-            else None
-        )
+        op = self._coordinator.operation("delete", path) if self._coordinator.multiprocess else None
         if op is None or self._coordinator.is_primary:
             run_sync(delete_with(self._backend, path, self._resolution.strategy))
         if op is not None:

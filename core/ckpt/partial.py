@@ -54,7 +54,7 @@ from typing import Any
 
 from upath import UPath
 
-from ckpt import multihost, tree_format
+from ckpt import multihost, tree_format, tree_read, tree_snapshot, tree_write
 from ckpt._sync import run as run_sync
 from ckpt.backend import Backend
 from ckpt.checkpointer import ITEM_HANDLERS, check_custom_metadata, occupied, write_and_commit
@@ -176,7 +176,7 @@ def save_async(
             f"Finalized checkpoint already exists at {final}; delete it before starting a "
             "new partial save."
         )
-    prepared = tree_format.prepare(tree)
+    prepared = tree_snapshot.prepare(tree)
     coordinator = multihost.current()
     op = coordinator.operation("partial-save", final) if coordinator.multiprocess else None
     name = f"{PIECE_PREFIX}{unique_token()}"
@@ -308,9 +308,7 @@ async def _committed_pieces(resolution: Resolution, session: UPath) -> list[_Pie
     return list(await asyncio.gather(*(load(n) for n in names)))
 
 
-async def _merged_manifest(
-    backend: Backend, contents: list[tuple[UPath, str]]
-) -> Manifest | None:
+async def _merged_manifest(backend: Backend, contents: list[tuple[UPath, str]]) -> Manifest | None:
     """The pieces' manifests (``(content dir, prefix)``) merged, paths under their prefix;
     None if a piece has none (written before manifests: the merge cannot claim one)."""
     found = await asyncio.gather(*(read_manifest(backend, c) for c, _ in contents))
@@ -361,9 +359,7 @@ async def _commit_session_in_place(
 
     adopted.__class__ = _SessionCommit
     adopted.metadata = _merge_metadata(pieces)
-    adopted.metadata.init_timestamp_nsecs = (
-        adopted.metadata.init_timestamp_nsecs or time.time_ns()
-    )
+    adopted.metadata.init_timestamp_nsecs = adopted.metadata.init_timestamp_nsecs or time.time_ns()
     before = {e.name for e in await backend.list_dir(session) if not e.is_dir}
     adopted.manifest = await _write_merged_tree(backend, session, doc, manifest)
     try:
@@ -395,18 +391,16 @@ async def _commit_copy(
         copied = []
         manifest = Manifest()
         for piece in pieces:  # one piece in memory at a time
-            tree = await tree_format.read(backend, piece.content)
-            prepared = await asyncio.to_thread(tree_format.prepare, tree)
-            written = await tree_format.write(
+            tree = await tree_read.read(backend, piece.content)
+            prepared = await asyncio.to_thread(tree_snapshot.prepare, tree)
+            written = await tree_write.write(
                 backend, tmp.get() / piece.name, prepared, store_manifest=False
             )
             manifest.merge(written, piece.name)
             del tree, prepared
             doc = await tree_format.tree_metadata(backend, tmp.get() / piece.name)
             copied.append((piece.name, piece.name, doc))
-        tmp.manifest = await _write_merged_tree(
-            backend, tmp.get(), _merge_docs(copied), manifest
-        )
+        tmp.manifest = await _write_merged_tree(backend, tmp.get(), _merge_docs(copied), manifest)
         await tmp.finalize()
     except BaseException:
         try:

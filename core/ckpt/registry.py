@@ -112,9 +112,7 @@ def resolve(
     """Backend, strategy, where the setting came from, and the read checks, for
     ``location``."""
     config = config_lib.load_config()
-    verify = config_lib.resolve_verify_checksums(
-        (scheme_of(location),), verify_checksums, config
-    )
+    verify = config_lib.resolve_verify_checksums((scheme_of(location),), verify_checksums, config)
     backend = backend or get_backend(location, config=config)
     name, source = config_lib.resolve_atomicity(
         (scheme_of(location), type(backend).scheme), atomicity, config

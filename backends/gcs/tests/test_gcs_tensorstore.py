@@ -14,7 +14,7 @@ import tensorstore as ts
 from upath import UPath
 
 import ckpt
-from ckpt import tree_format
+from ckpt import tree_read, tree_snapshot, tree_write
 from ckpt_backend_gcs import GCSBucketBackend, split_path
 
 
@@ -62,9 +62,9 @@ def test_save_arrays_and_commit(
         backend = gcs_backend.bind(root)
         tmp = ckpt.get_strategy(strategy).from_final(root / "step_1", backend=backend)
         run(tmp.create())
-        run(tree_format.write(backend, tmp.get(), tree_format.prepare(tree)))
+        run(tree_write.write(backend, tmp.get(), tree_snapshot.prepare(tree)))
         run(tmp.finalize())
         where = run(ckpt.content_path(backend, tmp.get_final()))
-        restored: Any = run(tree_format.read(backend, where))
+        restored: Any = run(tree_read.read(backend, where))
         np.testing.assert_array_equal(restored["w"], tree["w"])
         np.testing.assert_array_equal(restored["b"]["x"], tree["b"]["x"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import _sync
+from ckpt import _sync, tree_read, tree_snapshot, tree_write
 
 ts = pytest.importorskip("tensorstore")
 
@@ -32,7 +32,6 @@ def test_zarr3_round_trip(s3_root: str, s3_server: Any) -> None:
 
 
 def test_tree_saved_through_commit_file(s3_root: str, s3_server: Any) -> None:
-    tree_format = pytest.importorskip("ckpt.tree_format")
     tree: dict[str, Any] = {
         "params": {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4)},
         "step": 3,
@@ -41,13 +40,13 @@ def test_tree_saved_through_commit_file(s3_root: str, s3_server: Any) -> None:
     tmp = ckpt.get_strategy("commit_file").from_final(f"{s3_root}/3")
     backend = tmp.backend
     _sync.run(tmp.create())
-    prepared = tree_format.prepare(tree)
-    _sync.run(tree_format.write(backend, tmp.get() / "state", prepared))
+    prepared = tree_snapshot.prepare(tree)
+    _sync.run(tree_write.write(backend, tmp.get() / "state", prepared))
     _sync.run(tmp.finalize())
 
     assert ckpt.checkpoint_steps(s3_root) == [3]
     content = _sync.run(ckpt.content_path(backend, backend.path(f"{s3_root}/3")))
-    restored: Any = _sync.run(tree_format.read(backend, content / "state"))
+    restored: Any = _sync.run(tree_read.read(backend, content / "state"))
     np.testing.assert_array_equal(restored["params"]["w"], tree["params"]["w"])
     np.testing.assert_array_equal(restored["params"]["b"], tree["params"]["b"])
     assert restored["step"] == 3 and restored["name"] == "run-1"
