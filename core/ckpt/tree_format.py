@@ -1337,8 +1337,8 @@ def required_files(doc: dict[str, Any]) -> set[str]:
             continue
         out.add(f"{meta['path']}/zarr.json")
         shape, chunks = meta["shape"], meta.get("chunks")
-        if chunks is None or 0 in shape:
-            continue
+        if chunks is None or 0 in shape or len(chunks) != len(shape) or 0 in chunks:
+            continue  # no chunk files (or a layout the array read itself refuses)
         grid = [range(-(-n // c)) for n, c in zip(shape, chunks, strict=True)]
         out.update(f"{meta['path']}/{_chunk_key(index)}" for index in itertools.product(*grid))
     return out
@@ -1454,8 +1454,8 @@ class _Integrity:
             raise self.fail([Problem(TREE_FILE, "missing", "not recorded in the manifest")])
         # The tree document is in memory anyway: its checksum is always checked.
         problem = checksum_problem(TREE_FILE, record, tree_raw)
-        problems = [problem] if problem is not None else []
-        problems += unrecorded_files(self.doc, self.manifest)
+        # Only the recorded tree document's needs are checked against the manifest.
+        problems = [problem] if problem is not None else unrecorded_files(self.doc, self.manifest)
         found = await self.backend.file_sizes(self.directory)
         problems += [p for p in compare_sizes(self.manifest, found) if p.relpath != TREE_FILE]
         if problems:
