@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from upath import UPath
 
-from ckpt import direct_read, tree_read, tree_snapshot, tree_write
+from ckpt import direct_read, tree_integrity, tree_read, tree_snapshot, tree_write
 from ckpt import tree_format as tf
 from ckpt.errors import CorruptCheckpointError
 from ckpt.manifest import MANIFEST_FILE
@@ -670,3 +670,81 @@ def test_no_reference_cycles_keep_arrays_alive(backend: Any, ckdir: UPath) -> No
         assert restored() is None
     finally:
         gc.enable()
+
+
+def _after_listing(monkeypatch: pytest.MonkeyPatch, action: Any) -> None:
+    """Run ``action()`` right after the read's size check (the listing) has passed."""
+    check_sizes = tree_integrity._Integrity.check_sizes
+
+    async def then(self: Any, tree_raw: bytes) -> None:
+        await check_sizes(self, tree_raw)
+        action()
+
+    monkeypatch.setattr(tree_integrity._Integrity, "check_sizes", then)
+
+
+@pytest.mark.parametrize("assume", [True, False])
+def test_tensorstore_reads_open_arrays_from_the_recorded_metadata(
+    backend: Any, ckdir: UPath, monkeypatch: pytest.MonkeyPatch, assume: bool
+) -> None:
+    """Reads through tensorstore (object stores) take dtype, shape and chunks from the
+    tree document when the manifest's record of zarr.json matches them: no zarr.json
+    request; with ASSUME_RECORDED_METADATA off, zarr.json is read as before."""
+    monkeypatch.setattr(tf, "DIRECT_LOCAL_READS", False)
+    monkeypatch.setattr(tf, "ASSUME_RECORDED_METADATA", assume)
+    monkeypatch.setattr(tf, "CHUNK_BYTES", 64)  # "rows": 7 chunks, the last one partial
+    tree = {"rows": sample(np.float32, (25, 3)), "one": sample(np.int16, (4, 2))}
+    save(backend, ckdir, tree)
+    zarr_json = Path(str(ckdir)) / "arrays/0/zarr.json"
+    recorded = zarr_json.read_bytes()
+    _after_listing(monkeypatch, zarr_json.unlink)  # gone once the listing has seen it
+    if assume:
+        out = load(backend, ckdir)
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree.items()}
+        zarr_json.write_bytes(recorded)  # and again for the read to jax
+        as_jax = load(backend, ckdir, target)
+        for key, value in tree.items():
+            assert_same_array(out[key], value)
+            assert out[key].flags.writeable
+            assert isinstance(as_jax[key], jax.Array)
+            assert_same_array(as_jax[key], value)
+    else:
+        with pytest.raises(ValueError, match="cannot open array"):
+            load(backend, ckdir)
+
+
+def test_tensorstore_read_of_a_chunk_lost_after_the_listing_is_corrupt(
+    backend: Any, ckdir: UPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk deleted between the listing and the read is a CorruptCheckpointError
+    naming the file, never zeros."""
+    monkeypatch.setattr(tf, "DIRECT_LOCAL_READS", False)
+    monkeypatch.setattr(tf, "CHUNK_BYTES", 64)
+    tree = {"rows": sample(np.float32, (25, 3))}
+    save(backend, ckdir, tree)
+    chunk = Path(str(ckdir)) / "arrays/0/c/3/0"
+    _after_listing(monkeypatch, chunk.unlink)
+    with pytest.raises(CorruptCheckpointError, match=r"arrays/0/c/3/0: missing") as info:
+        load(backend, ckdir)
+    assert info.value.leaf == "rows"
+
+
+def test_damaged_zarr_json_record_falls_back_to_reading_zarr_json(
+    backend: Any, ckdir: UPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metadata that does not serialize to the recorded zarr.json (another tensorstore's
+    JSON, say) is not assumed: zarr.json is read and checked against the tree document."""
+    monkeypatch.setattr(tf, "DIRECT_LOCAL_READS", False)
+    tree = {"x": sample(np.float32, (6, 4))}
+    save(backend, ckdir, tree)
+    opened: list[bool] = []
+    real_open = tree_read.ts.open
+
+    def spy(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(bool(kwargs.get("assume_metadata")))
+        return real_open(spec, *args, **kwargs)
+
+    monkeypatch.setattr(tree_read.ts, "open", spy)
+    monkeypatch.setattr(tree_read, "_zarr_json", lambda store: b"{}")  # never the recorded bytes
+    assert_same_array(load(backend, ckdir)["x"], tree["x"])
+    assert opened == [True, False]

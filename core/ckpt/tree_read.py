@@ -9,6 +9,7 @@ import collections
 import functools
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from ckpt.direct_read import _aligned_empty, _local_root, _pread_exact, _read_di
 from ckpt.manifest import (
     Problem,
     checksum_problem,
+    crc32c,
 )
 from ckpt.placement import (
     _check_jax_precision,
@@ -39,6 +41,7 @@ from ckpt.tree_format import (
     ARRAYS_DIR,
     TREE_FILE,
     _array_spec,
+    _chunk_key,
     _display,
     _is_pack_file,
     _leaf_nbytes,
@@ -46,33 +49,67 @@ from ckpt.tree_format import (
     _parse_tree_document,
     _scalar_value,
     _subpath,
+    _zarr_json,
 )
 from ckpt.tree_integrity import _array_dir_of, _check_against_manifest, _Integrity
 
 __all__ = ["read"]
 
 
-async def _read_array(
+#: tensorstore's error for a missing chunk under ``fill_missing_data_reads: false``
+#: (``chunk {3, 0} stored at local file "..." is missing``; the wording of the location
+#: depends on the kvstore).
+_MISSING_CHUNK = re.compile(r"chunk \{([0-9, ]*)\} stored at .* is missing")
+
+
+async def _open_array(
     backend: Backend,
     directory: UPath,
     meta: dict[str, Any],
     context: ts.Context,
-    pool: ThreadPoolExecutor | None,
     integrity: _Integrity | None,
-) -> np.ndarray:
+) -> ts.TensorStore:
+    """Open the zarr3 array of leaf ``meta`` for reading, checked against ``meta``.
+
+    In a checkpoint with a manifest every chunk is stored (also one equal to the fill
+    value), so a missing chunk is an error, never zeros. The manifest also records the
+    size and CRC32C of the array's ``zarr.json``: if the metadata rebuilt from ``meta``
+    (dtype, shape, chunks) serializes to exactly those bytes, the array is opened with it
+    and ``zarr.json`` is not read (its presence and size were checked by the listing of
+    :meth:`_Integrity.check_sizes`); otherwise (older checkpoints, another tensorstore's
+    JSON, damage) ``zarr.json`` is read and checked against ``meta`` as before."""
     where = _display(meta["keypath"])
     dtype = _DTYPES[meta["dtype"]]
     spec = _array_spec(backend, directory, meta["path"])
-    root = _local_root(spec)
-    if pool is not None and root is not None and math.prod(meta["shape"]):
-        direct = await _read_direct(root, meta, pool, integrity)
-        if direct is not None:
-            return direct
-    if integrity is not None and integrity.verify_checksums:
-        # tensorstore does not hand out the chunk files' bytes: check them first.
-        await integrity.verify_files(
-            [r for r in integrity.files_of.get(meta["path"], []) if not r.endswith("zarr.json")]
-        )
+    if integrity is not None:
+        spec["fill_missing_data_reads"] = False
+    record = (
+        integrity.manifest.files.get(f"{meta['path']}/zarr.json") if integrity is not None else None
+    )
+    chunks = meta.get("chunks")
+    if (
+        tree_format.ASSUME_RECORDED_METADATA
+        and record is not None
+        and isinstance(chunks, list)
+        and len(chunks) == len(meta["shape"])
+        and all(type(c) is int and c > 0 for c in chunks)
+    ):
+        try:
+            store = await ts.open(
+                spec,
+                open=True,
+                assume_metadata=True,  # no I/O
+                dtype=ts.dtype(dtype),
+                shape=list(meta["shape"]),
+                chunk_layout=ts.ChunkLayout(chunk_shape=chunks),
+                context=context,
+            )
+        except ValueError:
+            pass  # not metadata write() would have made: read zarr.json below
+        else:
+            expected = _zarr_json(store)
+            if len(expected) == record.size and crc32c(expected) == record.crc32c:
+                return store
     try:
         store = await ts.open(spec, open=True, context=context)
     except ValueError as e:
@@ -85,9 +122,65 @@ async def _read_array(
             f"{store.dtype.numpy_dtype}{tuple(store.shape)}, metadata says "
             f"{meta['dtype']}{tuple(meta['shape'])}."
         )
+    return store
+
+
+async def _read_checked(read: Any, meta: dict[str, Any], integrity: _Integrity | None) -> Any:
+    """Await the tensorstore ``read`` of leaf ``meta``'s array; a chunk found missing
+    (deleted after the listing) raises :class:`CorruptCheckpointError`."""
+    try:
+        return await read
+    except ValueError as e:
+        found = _MISSING_CHUNK.search(str(e)) if integrity is not None else None
+        if found is None or integrity is None:
+            raise
+        index = tuple(int(i) for i in found.group(1).replace(",", " ").split())
+        rel = f"{meta['path']}/{_chunk_key(index)}"
+        raise integrity.fail([Problem(rel, "missing", "missing")]) from None
+
+
+async def _verify_chunks(meta: dict[str, Any], integrity: _Integrity | None) -> None:
+    """With ``verify_checksums``, check the CRC32C of the array's chunk files (a separate
+    read pass: tensorstore does not hand out the files' bytes)."""
+    if integrity is not None and integrity.verify_checksums:
+        await integrity.verify_files(
+            [r for r in integrity.files_of.get(meta["path"], []) if not r.endswith("zarr.json")]
+        )
+
+
+async def _read_array(
+    backend: Backend,
+    directory: UPath,
+    meta: dict[str, Any],
+    context: ts.Context,
+    pool: ThreadPoolExecutor | None,
+    integrity: _Integrity | None,
+    *,
+    aligned: bool = True,
+) -> np.ndarray:
+    """The array of leaf ``meta`` in host memory.
+
+    On local disk, chunk files stored as :func:`write` stores them are read straight into
+    the output (:func:`_read_direct`). Elsewhere tensorstore reads the chunks: with
+    ``aligned`` into a fresh :data:`_ALIGN`-aligned array (which a jax CPU array can alias
+    without a copy), else with tensorstore's own ``read``, which hands out the decoded
+    chunk of a single-chunk array as it is (no copy into a second array)."""
+    dtype = _DTYPES[meta["dtype"]]
+    spec = _array_spec(backend, directory, meta["path"])
+    root = _local_root(spec)
+    if pool is not None and root is not None and math.prod(meta["shape"]):
+        direct = await _read_direct(root, meta, pool, integrity)
+        if direct is not None:
+            return direct
+    await _verify_chunks(meta, integrity)
+    store = await _open_array(backend, directory, meta, context, integrity)
+    if not math.prod(meta["shape"]):
+        return _aligned_empty(tuple(meta["shape"]), dtype)
+    if not aligned:
+        array = np.asarray(await _read_checked(store.read(), meta, integrity))
+        return array if array.flags.writeable else array.copy()
     out = _aligned_empty(tuple(meta["shape"]), dtype)
-    if out.size:
-        await ts.array(out, copy=False, write=True).write(store)
+    await _read_checked(ts.array(out, copy=False, write=True).write(store), meta, integrity)
     return out
 
 
@@ -193,16 +286,8 @@ async def _read_sharded(
     """The array of leaf ``meta`` as a global jax array placed by ``sharding``, this process
     reading only the regions of its addressable devices (each distinct region once)."""
     shape = tuple(meta["shape"])
-    if integrity is not None and integrity.verify_checksums:
-        await integrity.verify_files(
-            [r for r in integrity.files_of.get(meta["path"], []) if not r.endswith("zarr.json")]
-        )
-    store = await ts.open(_array_spec(backend, directory, meta["path"]), open=True, context=context)
-    if list(store.shape) != list(shape):
-        raise ValueError(
-            f"Leaf {_display(meta['keypath'])!r}: array {directory / meta['path']} holds "
-            f"shape {tuple(store.shape)}, metadata says {shape}."
-        )
+    await _verify_chunks(meta, integrity)
+    store = await _open_array(backend, directory, meta, context, integrity)
     indices = sharding.addressable_devices_indices_map(shape)
     regions: dict[tuple[tuple[int, int], ...], Any] = {}
     for index in indices.values():
@@ -210,7 +295,7 @@ async def _read_sharded(
         if key not in regions:
             regions[key] = store[index].read()
     keys = list(regions)
-    values = await asyncio.gather(*(regions[k] for k in keys))
+    values = await asyncio.gather(*(_read_checked(regions[k], meta, integrity) for k in keys))
     found = dict(zip(keys, values, strict=True))
     logical = _logical_dtype(meta) if "logical_dtype" in meta else None
     arrays = []
@@ -328,7 +413,11 @@ async def read(
             if progress is not None:
                 progress(_leaf_nbytes(leaves[i]), total)
             return out
-        array = await _read_array(backend, directory, leaves[i], context, pool, integrity)
+        # To numpy: tensorstore's own read (no second copy); to jax: an aligned buffer.
+        to_jax = isinstance(plan.get(i), (jax.Array, jax.ShapeDtypeStruct))
+        array = await _read_array(
+            backend, directory, leaves[i], context, pool, integrity, aligned=to_jax
+        )
         if progress is not None:
             progress(_leaf_nbytes(leaves[i]), total)
         if isinstance(plan.get(i), (jax.Array, jax.ShapeDtypeStruct)):

@@ -27,7 +27,15 @@ from ckpt.manifest import (
     crc32c_extend,
     crc32c_zeros,
 )
-from ckpt.tree_format import _PADDING, PACKS_DIR, TREE_FILE, _array_spec, _chunk_key, _subpath
+from ckpt.tree_format import (
+    _PADDING,
+    PACKS_DIR,
+    TREE_FILE,
+    _array_spec,
+    _chunk_key,
+    _subpath,
+    _zarr_json,
+)
 from ckpt.tree_snapshot import PreparedTree, _ArrayItem, tree_nbytes
 
 __all__ = ["write"]
@@ -105,7 +113,7 @@ async def _write_array(
         chunk_layout=ts.ChunkLayout(chunk_shape=list(item.chunks)),
         context=context,
     )
-    zarr_json = json.dumps(store.spec().to_json()["metadata"]).encode()
+    zarr_json = _zarr_json(store)
     array_dir = _subpath(directory, item.subpath)
     records: dict[str, FileRecord] = {}
     if primary:
