@@ -46,7 +46,6 @@ test servers (``backends/*/tests/test_*_crash_torture.py``, ``CKPT_TORTURE_N`` k
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import queue
@@ -113,6 +112,7 @@ def _version_of(final: Any) -> int:
 def _child(command: dict[str, Any]) -> None:
     """The saving loop of one forked child (never returns normally)."""
     import ckpt
+    from ckpt import _sync
     from ckpt.paths import to_path
 
     root, strategy = command["root"], command["strategy"]
@@ -148,7 +148,7 @@ def _child(command: dict[str, Any]) -> None:
         await tmp.finalize()
 
     while True:
-        asyncio.run(replace(version))
+        _sync.run(replace(version))  # on ckpt's I/O loop, where the backend's clients live
         _send({"pid": me, "version": version, "t": time.monotonic()})
         version += 1
 
