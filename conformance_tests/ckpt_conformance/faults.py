@@ -33,8 +33,24 @@ OPERATIONS = (
     "manager_delete",
     "retention",
     "partial_finalize",
+    "snapshot_replace",
 )
 MODES = ("before", "after")
+#: Operations of one strategy only (the others run under every strategy).
+STRATEGY_OPERATIONS = {"snapshot_replace": "snapshot"}
+#: The file an in-place snapshot adds to the checkpoint it replaces.
+SNAPSHOT_FILE = "eval.bin"
+
+
+def fault_parameters(strategies: list[str]) -> list[tuple[str, str]]:
+    """``(strategy, op)`` pairs of the fault-at-every-call test: every operation under
+    every strategy, except the operations of one strategy (``snapshot_replace``)."""
+    return [
+        (strategy, op)
+        for strategy in strategies
+        for op in OPERATIONS
+        if STRATEGY_OPERATIONS.get(op, strategy) == strategy
+    ]
 
 
 def _tree(seed: int) -> dict[str, Any]:
@@ -93,6 +109,40 @@ class _Case:
             final = _join(self.root, "2")
             ckpt.partial.save(final, {"w": self.tree["w"]}, atomicity=self.strategy)
             ckpt.partial.save(final, {"b": self.tree["b"]}, atomicity=self.strategy)
+        if self.op == "snapshot_replace":  # the committed step an in-place snapshot replaces
+            self.plain().save(_join(self.root, "2"), self.tree)
+
+    def replace(self, backend: ckpt.Backend) -> None:
+        """An in-place snapshot of the target step that adds :data:`SNAPSHOT_FILE`."""
+        final = _join(self.root, str(self.target))
+        snapshot: Any = self.cls  # the snapshot strategy's from_final takes snapshot_type
+        tmp = snapshot.from_final(final, backend=backend, snapshot_type="in_place")
+        where = _sync.run(tmp.create())
+        _sync.run(backend.write_bytes(where / SNAPSHOT_FILE, b"new"))
+        _sync.run(tmp.finalize())
+
+    def snapshot_version(self) -> str:
+        """``old`` or ``new``: which version the target step is, once it is checked to be
+        whole (it restores exactly; every file matches its manifest, checksums included)."""
+        from ckpt.manifest import check_files, read_manifest
+
+        inner = self.fb.inner
+        final = self.base / str(self.target)
+        assert _same(
+            ckpt.Checkpointer(self.strategy, verify_checksums=True).restore(
+                _join(self.root, str(self.target))
+            ),
+            self.tree,
+        ), "tree changed"
+        manifest = _sync.run(read_manifest(inner, final))
+        assert manifest is not None, "no manifest"
+        problems = _sync.run(check_files(inner, final, manifest))
+        assert not problems, problems
+        if not _sync.run(inner.exists(final / SNAPSHOT_FILE)):
+            return "old"
+        assert _sync.run(inner.read_bytes(final / SNAPSHOT_FILE)) == b"new"
+        assert SNAPSHOT_FILE in manifest.files, "the snapshot's file is not in the manifest"
+        return "new"
 
     def run(self) -> None:
         final = _join(self.root, str(self.target))
@@ -113,7 +163,10 @@ class _Case:
             _sync.run(delete_with(self.fb, ckpt.registry.to_path(final), self.cls))
         elif self.op == "retention":
             manager = ckpt.CheckpointManager(
-                self.root, max_to_keep=2, atomicity=self.strategy, async_save=False,
+                self.root,
+                max_to_keep=2,
+                atomicity=self.strategy,
+                async_save=False,
                 backend=self.fb,
             )
             try:
@@ -122,6 +175,8 @@ class _Case:
                 manager.close()
         elif self.op == "partial_finalize":
             ckpt.partial.finalize(final, atomicity=self.strategy, backend=self.fb)
+        elif self.op == "snapshot_replace":
+            self.replace(self.fb)
 
     def retry(self) -> None:
         """The next attempt of the operation, without faults."""
@@ -137,6 +192,8 @@ class _Case:
             _sync.run(delete_with(self.fb.inner, ckpt.registry.to_path(final), self.cls))
         elif self.op == "partial_finalize":
             ckpt.partial.finalize(final, atomicity=self.strategy)
+        elif self.op == "snapshot_replace":
+            self.replace(self.fb.inner)
         else:
             self.plain().save(final, self.tree)
 
@@ -153,6 +210,9 @@ class _Case:
         return {**self.kept, **self.may_go}.get(step, self.tree)
 
     def matches(self, step: int) -> bool:
+        if self.op == "snapshot_replace" and step == self.target:
+            self.snapshot_version()  # old or new, but whole
+            return True
         got, want = self.restores(step), self.expected(step)
         return got == want if isinstance(want, bytes) else _same(got, want)
 
@@ -193,7 +253,6 @@ class FaultConformance:
         return sorted({1 + round(i * (n - 1) / (m - 1)) for i in range(m)})
 
     @pytest.mark.parametrize("mode", MODES)
-    @pytest.mark.parametrize("op", OPERATIONS)
     def test_fault_at_every_call(
         self, op: str, mode: str, strategy: str, root: str, backend: ckpt.Backend
     ) -> None:
@@ -238,6 +297,10 @@ class FaultConformance:
         target_committed = c.target in steps
         if target_committed:
             assert c.matches(c.target), f"{where}: step {c.target} committed but torn"
+        version = None
+        if c.op == "snapshot_replace" and target_committed:
+            version = c.snapshot_version()
+            assert raised is not None or version == "new", f"{where}: replace reported success"
         if raised is None:
             if c.op == "manager_delete":
                 assert not target_committed, f"{where}: delete reported success"
@@ -259,6 +322,14 @@ class FaultConformance:
             assert c.target not in ckpt.checkpoint_steps(c.root, atomicity=c.strategy), where
         elif c.op == "cleanup":
             c.retry()
+        elif c.op == "snapshot_replace":
+            # Cleanup (repair) leaves exactly one committed version: the one readers saw.
+            assert c.target in steps, f"{where}: the replaced step is gone after cleanup"
+            after_cleanup = c.snapshot_version()
+            assert version in (None, after_cleanup), f"{where}: cleanup changed the version"
+            assert raised is not None or after_cleanup == "new", where
+            c.retry()
+            assert c.snapshot_version() == "new", f"{where}: the next replace did not publish"
         elif not (target_committed or c.op == "partial_finalize"):
             c.retry()
             assert c.matches(c.target), f"{where}: the next save did not restore"

@@ -245,7 +245,9 @@ class InstrumentedBackend(Backend):
 
     async def copy_tree(self, src: UPath, dst: UPath, *, method: str | None = None) -> str:
         await self.hook("copy_tree", dst)
-        return await self.inner.copy_tree(src, dst, method=method)
+        result = await self.inner.copy_tree(src, dst, method=method)
+        await self.after("copy_tree", dst)
+        return result
 
     async def apply_dir_mode(self, path: UPath, mode: int) -> None:
         await self.hook("apply_dir_mode", path)

@@ -14,7 +14,7 @@ import ckpt
 from ckpt import _sync
 from ckpt.layout import COMMIT_SUCCESS_FILE, METADATA_FILE
 from ckpt.registry import resolve, supported_strategies
-from ckpt_conformance.faults import FaultConformance, RaceConformance
+from ckpt_conformance.faults import FaultConformance, RaceConformance, fault_parameters
 from ckpt_conformance.instrumented import InstrumentedBackend
 from ckpt_conformance.integrity import IntegrityConformance
 
@@ -58,7 +58,10 @@ class BackendConformance(IntegrityConformance, FaultConformance, RaceConformance
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         """Parametrize ``strategy`` with the strategies registered at collection time."""
-        if "strategy" in metafunc.fixturenames:
+        if "strategy" in metafunc.fixturenames and "op" in metafunc.fixturenames:
+            pairs = fault_parameters(strategy_names())
+            metafunc.parametrize(("strategy", "op"), pairs, indirect=["strategy"])
+        elif "strategy" in metafunc.fixturenames:
             metafunc.parametrize("strategy", strategy_names(), indirect=True)
 
     @pytest.fixture
@@ -336,8 +339,11 @@ class BackendConformance(IntegrityConformance, FaultConformance, RaceConformance
             assert restored[key].dtype == tree[key].dtype
         assert restored["nested"]["empty"].shape == (0, 4)
         assert restored["nested"]["step"] == 3
-        content = _sync.run(ckpt.content_path(ckpt.get_backend(root), ckpt.registry.to_path(
-            _join(root, "3")), atomicity=strategy))
+        content = _sync.run(
+            ckpt.content_path(
+                ckpt.get_backend(root), ckpt.registry.to_path(_join(root, "3")), atomicity=strategy
+            )
+        )
         assert raw.exists(str(content / "_TREE.json"))  # out of band: written to the store
         assert ckpt.all_temporary_paths(root, atomicity=strategy) == []
 
