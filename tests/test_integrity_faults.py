@@ -18,7 +18,7 @@ import pytest
 from upath import UPath
 
 import ckpt
-from ckpt import _sync
+from ckpt import _sync, tree_format
 from ckpt.layout import COMMIT_SUCCESS_FILE
 from ckpt_backend_local import LocalBackend, _rename
 from ckpt_conformance.instrumented import InstrumentedBackend
@@ -210,7 +210,11 @@ class _OneArrayFails(InstrumentedBackend):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_failed_save_leaves_no_write_running(tmp_path: Path, strategy: str) -> None:
+def test_failed_save_leaves_no_write_running(
+    tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every leaf its own zarr3 array, written by tensorstore (8 MiB leaves would be packed).
+    monkeypatch.setattr(tree_format, "PACK_MAX_LEAF_BYTES", -1)
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"")
     root = tmp_path / "run"

@@ -149,11 +149,12 @@ async def _write_array(
     else:
         writes = [store.write(data, can_reference_source_data_indefinitely=True)]
     try:
-        await asyncio.gather(*writes)
+        # Shielded: cancelling a tensorstore future marks it done at once, while the write
+        # may go on in tensorstore's threads, so the futures themselves are never cancelled.
+        await asyncio.gather(*(asyncio.shield(w) for w in writes))
     except BaseException:
-        # tensorstore goes on writing in its own threads when the awaiting task is
-        # cancelled or a sibling fails: wait until it has stopped, so that nothing lands
-        # in a temporary the caller is about to discard.
+        # A sibling failed or this task was cancelled: wait until every write of this
+        # array has stopped, so that nothing lands in a temporary the caller discards.
         await asyncio.shield(asyncio.to_thread(_settle, writes))
         raise
     finally:
@@ -263,14 +264,13 @@ async def write(
     tasks = [asyncio.ensure_future(one(a)) for a in prepared.arrays if a.pack is None]
     if primary:  # packed leaves are process-local arrays: the primary's copy is written
         tasks += [asyncio.ensure_future(pack(k)) for k in range(len(prepared.packs))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        # Never leave a write running into a directory the caller is about to discard.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    # Never leave a write running into a directory the caller is about to discard: when
+    # one write fails the others are not cancelled (a cancelled write may still land) but
+    # awaited, and the first error is raised once every write has stopped.
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise next((f for f in failures if not isinstance(f, asyncio.CancelledError)), failures[0])
     data = json.dumps(prepared.metadata(), ensure_ascii=True, allow_nan=False).encode()
     if not primary:
         return manifest
