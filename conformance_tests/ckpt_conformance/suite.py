@@ -25,12 +25,39 @@ def strategy_names() -> list[str]:
     return list(ckpt.list_strategies())
 
 
+def shipped_strategy_names() -> list[str]:
+    """The strategies of installed plugins: ckpt's built-ins and those of pip-installed
+    distributions (entry points), without strategies registered at run time (e.g. by
+    another test module through ``ckpt.plugins.manager.register``)."""
+    import importlib.metadata
+
+    from ckpt import plugins
+
+    registered = strategy_names()  # loads the plugins
+    installed = set(plugins.DEFAULT_PLUGINS) | {
+        ep.name for ep in importlib.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP)
+    }
+    names: list[str] = []
+    for impl in plugins.manager.pm.hook.register_strategies.get_hookimpls():
+        if impl.plugin_name in installed:
+            impl.function(lambda name, cls: names.append(name))
+    return [n for n in registered if n in names]
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
 class BackendConformance(IntegrityConformance, FaultConformance, RaceConformance):
     """Base class of the suite. Subclasses provide the ``ckpt_root`` fixture."""
+
+    #: The strategies to run, by name: None for every registered one
+    #: (:func:`strategy_names`); a backend's test module may narrow it, e.g. to
+    #: :func:`shipped_strategy_names` to leave a test-only strategy to another backend's run.
+    strategies: list[str] | None = None
+
+    def _strategies(self) -> list[str]:
+        return strategy_names() if self.strategies is None else list(self.strategies)
 
     # -- fixtures a backend provides or overrides -----------------------------------------
     @pytest.fixture
@@ -59,10 +86,10 @@ class BackendConformance(IntegrityConformance, FaultConformance, RaceConformance
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         """Parametrize ``strategy`` with the strategies registered at collection time."""
         if "strategy" in metafunc.fixturenames and "op" in metafunc.fixturenames:
-            pairs = fault_parameters(strategy_names())
+            pairs = fault_parameters(self._strategies())
             metafunc.parametrize(("strategy", "op"), pairs, indirect=["strategy"])
         elif "strategy" in metafunc.fixturenames:
-            metafunc.parametrize("strategy", strategy_names(), indirect=True)
+            metafunc.parametrize("strategy", self._strategies(), indirect=True)
 
     @pytest.fixture
     def strategy(self, request: pytest.FixtureRequest, backend: ckpt.Backend, root: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ckpt_conformance import BackendConformance
+from ckpt_conformance.suite import shipped_strategy_names
 
 
 class _GCSConformance(BackendConformance):
@@ -36,6 +37,9 @@ class _GCSConformance(BackendConformance):
 
 class TestFlatBucketConformance(_GCSConformance):
     bucket = "ckpt-flat"
+    # Shipped strategies only: a test-only third-party strategy (tests/
+    # test_third_party_strategy.py) runs on the local disk and the HNS bucket.
+    strategies = shipped_strategy_names()
 
 
 class TestHNSBucketConformance(_GCSConformance):

@@ -7,10 +7,14 @@ from typing import Any
 import pytest
 
 from ckpt_conformance import BackendConformance
+from ckpt_conformance.suite import shipped_strategy_names
 
 
 class TestS3Conformance(BackendConformance):
     fault_sample = 2  # faults at the first and the last call (see faults.py)
+    # Shipped strategies only: the test-only third-party strategy of
+    # tests/test_third_party_strategy.py runs on the local disk and the GCS HNS bucket.
+    strategies = shipped_strategy_names()
 
     @pytest.fixture
     def ckpt_root(self, s3_root: str) -> str:
