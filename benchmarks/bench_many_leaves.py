@@ -374,7 +374,7 @@ async def _ts_get(spec: dict[str, Any], n: int) -> list[bytes]:
 def s3_run(names: list[str], repeats: int) -> None:
     import logging
 
-    from bench_s3_requests import Counter, make_proxy
+    from bench_s3_requests import Counter, counting_proxy
     from moto.server import ThreadedMotoServer
 
     os.environ.update(
@@ -385,8 +385,8 @@ def s3_run(names: list[str], repeats: int) -> None:
     moto.start()
     assert moto._server is not None
     counter = Counter()
-    proxy = make_proxy(moto._server.server_port, counter)
-    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    proxy = counting_proxy(moto._server.server_port, counter)
+    url = proxy.url
     import boto3
 
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="bench")

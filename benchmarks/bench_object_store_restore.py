@@ -213,11 +213,11 @@ def bench_store(
 
 def count_requests(port: int, path: str, raw: Raw) -> None:
     """One ckpt restore and one raw read through a counting proxy in front of moto."""
-    from bench_s3_requests import Counter, make_proxy
+    from bench_s3_requests import Counter, counting_proxy
 
     counter = Counter()
-    proxy = make_proxy(port, counter)
-    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    proxy = counting_proxy(port, counter)
+    url = proxy.url
     saved = os.environ["CKPT_CONFIG"]
     write_config(f'[backends.s3]\nendpoint_url = "{url}"\n')
     try:
@@ -230,7 +230,7 @@ def count_requests(port: int, path: str, raw: Raw) -> None:
         print(f"  ckpt restore: {dict(counter.take())} requests")
     finally:
         os.environ["CKPT_CONFIG"] = saved
-        proxy.shutdown()
+        proxy.close()
 
 
 def main() -> None:

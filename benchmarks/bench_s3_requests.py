@@ -79,6 +79,18 @@ class Counter:
         return out
 
 
+def counting_proxy(port: int, counter: Counter) -> Any:
+    """A request-counting HTTP proxy in front of the S3 server on 127.0.0.1:``port``
+    (``ckpt_conformance.http_faults.FaultProxy``, never armed): ``.url``, ``.close()``."""
+    from ckpt_conformance.http_faults import FaultProxy
+
+    return FaultProxy(
+        f"http://127.0.0.1:{port}",
+        dialect="s3",
+        on_request=lambda method, target, headers: counter.add(classify(method, target, headers)),
+    )
+
+
 def show(title: str, counts: collections.Counter[str], note: str = "") -> None:
     total = sum(counts.values())
     print(f"\n{title}: {total} requests" + (f"  ({note})" if note else ""))
@@ -113,14 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     moto.start()
     assert moto._server is not None
     moto_port = moto._server.server_port
-    from ckpt_conformance.http_faults import FaultProxy
-
     counter = Counter()
-    proxy = FaultProxy(
-        f"http://127.0.0.1:{moto_port}",
-        dialect="s3",
-        on_request=lambda method, target, headers: counter.add(classify(method, target, headers)),
-    )
+    proxy = counting_proxy(moto_port, counter)
     proxy_url = proxy.url
     bucket = "ckpt-bench"
     direct = boto3.client(
