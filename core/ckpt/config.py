@@ -16,6 +16,7 @@ Config files follow ruff's convention: ``CKPT_CONFIG`` names a file; otherwise
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -79,6 +80,20 @@ class Config:
         if "atomicity" in self.values:
             return _as_name(self.values["atomicity"], self.source), f"{self.source}"
         return None, ""
+
+
+def positive_seconds(value: Any, what: str) -> float:
+    """``value`` as a positive, finite number of seconds (int or float, not bool);
+    ConfigError naming ``what`` (e.g. ``[backends.s3] read_timeout_s``) otherwise. Shared by
+    the backends' timeout options."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"Invalid {what}: expected a positive number of seconds, got {value!r}.")
+    return float(value)
 
 
 def _as_name(value: Any, source: str | None) -> str:

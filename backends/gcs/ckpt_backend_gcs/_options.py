@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from ckpt.config import positive_seconds
 from ckpt.errors import ConfigError
 
 __all__ = ["LAYOUTS", "GCSOptions"]
@@ -81,17 +81,7 @@ class GCSOptions:
         timeouts = {}
         for key in ("rename_timeout_s", "rpc_timeout_s", "connect_timeout_s", "read_timeout_s"):
             if key in options:
-                value = options[key]
-                if (
-                    isinstance(value, bool)
-                    or not isinstance(value, (int, float))
-                    or not math.isfinite(value)
-                    or value <= 0
-                ):
-                    raise ConfigError(
-                        f"[backends.gs] {key} must be a positive number, got {value!r}."
-                    )
-                timeouts[key] = float(value)
+                timeouts[key] = positive_seconds(options[key], f"[backends.gs] {key}")
         emulator = endpoint is not None and not _is_google(endpoint)
         token = options.get("token")
         if token is None and emulator:

@@ -32,7 +32,6 @@ import dataclasses
 import difflib
 import errno
 import logging
-import math
 import os
 import random
 import threading
@@ -46,6 +45,7 @@ from upath import UPath
 
 from ckpt import hookimpl
 from ckpt.backend import Backend, Capabilities, Entry
+from ckpt.config import positive_seconds
 from ckpt.errors import ConfigError, InvalidPathError
 
 __all__ = ["OPTION_KEYS", "S3Backend", "S3Settings", "resolve_settings"]
@@ -123,18 +123,7 @@ def _check_str(options: Mapping[str, Any], key: str) -> str | None:
 
 
 def _check_seconds(options: Mapping[str, Any], key: str, default: float) -> float:
-    value = options.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(
-            f"Invalid [backends.s3] option {key!r}: expected a positive number of seconds, "
-            f"got {value!r}."
-        )
-    return float(value)
+    return positive_seconds(options.get(key, default), f"[backends.s3] option {key!r}")
 
 
 def resolve_settings(
