@@ -230,14 +230,20 @@ async def write(
             progress(int(np.prod(item.shape)) * item.dtype.itemsize, total)
 
     packs_in_flight = asyncio.Semaphore(tree_format.PACK_WRITE_CONCURRENCY)
+    # The leaves of each pack, in offset order (grouped once: not a scan per pack).
+    pack_items: dict[int, list[_ArrayItem]] = {}
+    for array in prepared.arrays:
+        if array.pack is not None:
+            pack_items.setdefault(array.pack[0], []).append(array)
+    for members in pack_items.values():
+        members.sort(key=lambda a: a.pack[1] if a.pack is not None else 0)
 
     async def pack(index: int) -> None:
         async with packs_in_flight:
             await write_pack(index)
 
     async def write_pack(index: int) -> None:
-        items = [a for a in prepared.arrays if a.pack is not None and a.pack[0] == index]
-        items.sort(key=lambda a: a.pack[1] if a.pack is not None else 0)
+        items = pack_items.get(index, [])
         # The pack is the leaves' own bytes back to back with zero padding between them:
         # written from the leaves' buffers (no copy where the backend writes buffers in
         # place) and checksummed piece by piece.
